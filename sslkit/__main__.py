@@ -1,0 +1,5 @@
+import sys
+
+from sslkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,210 @@
+"""A small demo corpus of real scans already on this machine (no network).
+
+Contents of `<out_dir>` (all gzip NIfTI, RAS affines with the true voxel spacing):
+- `ct_head.nii.gz`        InVesalius "Cranium" head CT (ProMED CT 0051), (X, Y, Z) = 256 x 256 x 108,
+                          spacing 0.957 x 0.957 x 1.5 mm, HU (int16).
+- `ct_head_label.nii.gz`  its two InVesalius masks as one map: 0 background, 1 = mask_0 (threshold 226..3071 HU,
+                          bone), 2 = mask_1 only (threshold -142..2986 HU minus bone: soft tissue).
+- `mri_colin27_t1.nii.gz` Colin27 T1 (MRIcron ch2), 181 x 217 x 181, 1 mm; label `mri_colin27_aal.nii.gz`
+                          (AAL atlas, 116 regions, same grid).
+- `mri_mni152_t1.nii.gz`  MNI152 2009a T1 bundled with nilearn, 197 x 233 x 189, 1 mm; label
+                          `mri_mni152_gmwm.nii.gz` (0 background, 1 grey matter, 2 white matter: argmax of the
+                          bundled GM / WM probability maps against background).
+- `dicom/ct_series/`      a real 5-slice CT DICOM series from pydicom's test files (16 x 16, 0.49 x 0.49 x 2.5 mm)
+                          and `ct_dicom_series.nii.gz`, its SimpleITK conversion (listed under "dicom", not in
+                          "training": too small to crop).
+- `datalist.json`         decathlon style: "training" (every volume for SSL, each with "modality"),
+                          "labelled" (image/label pairs), "dicom" (the DICOM series folder and its conversion).
+InVesalius CT and Colin27 are required; the other sources are skipped when absent.
+"""
+
+from __future__ import annotations
+
+import json
+import plistlib
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sslkit.data.datalist import write_datalist
+from sslkit.errors import DataError
+
+INVESALIUS_CT = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
+COLIN27_DIR = Path("/usr/share/mricron/templates")
+DATALIST_NAME = "datalist.json"
+
+
+def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(arr, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    tmp = path.with_name(path.name.replace(".nii.gz", ".tmp.nii.gz"))
+    nib.save(img, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def _centred_affine(spacing_ras: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Diagonal affine (signed spacing per axis) with the volume centre at world (0, 0, 0)."""
+    aff = np.diag(list(spacing_ras) + [1.0])
+    aff[:3, 3] = -aff[:3, :3] @ ((np.asarray(shape[:3]) - 1) / 2.0)
+    return aff
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+def _invesalius_ct(out: Path) -> tuple[Path, Path]:
+    """Cranium.inv3 (tar.gz of plists + raw memmaps) -> ct_head.nii.gz + ct_head_label.nii.gz.
+
+    The matrix is (z, y, x) int16. Looking at the data: z runs inferior -> superior (skull base at z=0), y runs
+    posterior -> anterior (InVesalius flips DICOM rows; frontal sinus at high y), x follows the DICOM column
+    direction (patient right -> left). So in RAS: x -> -R, y -> +A, z -> +S.
+    """
+    if not INVESALIUS_CT.is_file():
+        raise DataError(f"{INVESALIUS_CT}: InVesalius example missing (apt-get install invesalius-examples)")
+    with tempfile.TemporaryDirectory() as td:
+        with tarfile.open(INVESALIUS_CT, "r:gz") as tf:
+            tf.extractall(td, filter="data")
+        main_plist = next(Path(td).rglob("main.plist"))
+        root = main_plist.parent
+        main = plistlib.loads(main_plist.read_bytes())
+        shape = tuple(main["matrix"]["shape"])                       # (z, y, x)
+        vol = np.fromfile(root / main["matrix"]["filename"], dtype=main["matrix"]["dtype"]).reshape(shape)
+        sx, sy, sz = (float(s) for s in main["spacing"])             # (x, y, z) mm
+        masks = {}
+        for idx, name in main.get("masks", {}).items():
+            m = plistlib.loads((root / name).read_bytes())
+            mshape = tuple(m["mask_shape"])                          # (z+1, y+1, x+1)
+            raw = np.fromfile(root / m["mask_file"], dtype=np.uint8).reshape(mshape)
+            masks[int(idx)] = raw[1:, 1:, 1:] >= 127                 # first plane/row/col is bookkeeping
+    ct = np.ascontiguousarray(vol.transpose(2, 1, 0)).astype(np.int16)   # (z, y, x) -> (X, Y, Z)
+    affine = _centred_affine(np.array([-sx, sy, sz]), ct.shape)
+    label = np.zeros(shape, dtype=np.uint8)                          # (z, y, x)
+    if 1 in masks:
+        label[masks[1]] = 2
+    if 0 in masks:
+        label[masks[0]] = 1
+    label = np.ascontiguousarray(label.transpose(2, 1, 0))
+    return (_save_nifti(ct, affine, out / "ct_head.nii.gz"),
+            _save_nifti(label, affine, out / "ct_head_label.nii.gz"))
+
+
+def _colin27(out: Path) -> tuple[Path, Path | None]:
+    src = COLIN27_DIR / "ch2.nii.gz"
+    if not src.is_file():
+        raise DataError(f"{src}: Colin27 template missing (apt-get install mricron-data)")
+    img_path = out / "mri_colin27_t1.nii.gz"
+    shutil.copyfile(src, img_path)
+    aal = COLIN27_DIR / "aal.nii.gz"
+    if not aal.is_file():
+        return img_path, None
+    import nibabel as nib
+
+    a, b = nib.load(str(src)), nib.load(str(aal))
+    if a.shape != b.shape or not np.allclose(a.affine, b.affine):
+        return img_path, None
+    lab_path = out / "mri_colin27_aal.nii.gz"
+    shutil.copyfile(aal, lab_path)
+    return img_path, lab_path
+
+
+def _mni152(out: Path) -> tuple[Path, Path] | None:
+    try:
+        from nilearn import datasets
+        t1 = datasets.load_mni152_template(resolution=1)
+        gm = np.asarray(datasets.load_mni152_gm_template(resolution=1).dataobj, dtype=np.float32)
+        wm = np.asarray(datasets.load_mni152_wm_template(resolution=1).dataobj, dtype=np.float32)
+    except Exception:  # noqa: BLE001 - optional source
+        return None
+    arr = np.asarray(t1.dataobj, dtype=np.float32)
+    probs = np.stack([np.clip(1.0 - gm - wm, 0, 1), gm, wm])         # (3, X, Y, Z): bg, GM, WM
+    label = np.argmax(probs, axis=0).astype(np.uint8)
+    return (_save_nifti(arr, np.asarray(t1.affine), out / "mri_mni152_t1.nii.gz"),
+            _save_nifti(label, np.asarray(t1.affine), out / "mri_mni152_gmwm.nii.gz"))
+
+
+def _pydicom_ct_series(out: Path) -> tuple[Path, Path] | None:
+    """Copy pydicom's 5-slice CT test series (dicomdirtests/98892001/CT5N) and convert it with SimpleITK."""
+    try:
+        import pydicom.data
+        base = Path(pydicom.data.__file__).parent / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
+    except Exception:  # noqa: BLE001 - optional source
+        return None
+    if not base.is_dir():
+        return None
+    import SimpleITK as sitk
+
+    dst = out / "dicom" / "ct_series"
+    if dst.exists():
+        shutil.rmtree(dst)
+    dst.mkdir(parents=True)
+    for i, f in enumerate(sorted(p for p in base.iterdir() if p.is_file())):
+        shutil.copyfile(f, dst / f"slice_{i:03d}.dcm")
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(dst)))
+    img = reader.Execute()
+    nii = out / "ct_dicom_series.nii.gz"
+    sitk.WriteImage(img, str(nii), useCompression=True)
+    return dst, nii
+
+
+# --------------------------------------------------------------------------------------- the corpus
+
+
+def _complete(out: Path) -> bool:
+    dl = out / DATALIST_NAME
+    if not dl.is_file():
+        return False
+    try:
+        doc = json.loads(dl.read_text())
+    except json.JSONDecodeError:
+        return False
+    for lst in doc.values():
+        for e in lst if isinstance(lst, list) else []:
+            for k in ("image", "label"):
+                if isinstance(e, dict) and k in e and not (out / e[k]).exists():
+                    return False
+    return True
+
+
+def build_demo_corpus(out_dir: Path) -> Path:
+    """Build (once) the demo corpus in `out_dir` and return its datalist.json path. Idempotent: a complete
+    corpus is left as it is."""
+    out = Path(out_dir).expanduser().resolve()
+    if _complete(out):
+        return out / DATALIST_NAME
+    out.mkdir(parents=True, exist_ok=True)
+    training, labelled, dicom = [], [], []
+
+    ct, ct_lab = _invesalius_ct(out)
+    training.append({"image": str(ct), "modality": "ct"})
+    labelled.append({"image": str(ct), "label": str(ct_lab), "modality": "ct",
+                     "classes": {"0": "background", "1": "bone (mask_0)", "2": "soft tissue (mask_1 only)"}})
+
+    colin, colin_lab = _colin27(out)
+    training.append({"image": str(colin), "modality": "mri"})
+    if colin_lab is not None:
+        labelled.append({"image": str(colin), "label": str(colin_lab), "modality": "mri",
+                         "classes": "AAL atlas (116 regions)"})
+
+    mni = _mni152(out)
+    if mni is not None:
+        training.append({"image": str(mni[0]), "modality": "mri"})
+        labelled.append({"image": str(mni[0]), "label": str(mni[1]), "modality": "mri",
+                         "classes": {"0": "background", "1": "grey matter", "2": "white matter"}})
+
+    series = _pydicom_ct_series(out)
+    if series is not None:
+        dicom.append({"image": str(series[0]), "modality": "ct", "format": "dicom_series"})
+        dicom.append({"image": str(series[1]), "modality": "ct", "format": "nifti_from_dicom"})
+
+    doc = {"name": "sslkit demo corpus", "description": __doc__.split("\n\n")[0],
+           "training": training, "labelled": labelled, "dicom": dicom}
+    return write_datalist(doc, out / DATALIST_NAME, base_dir=out)

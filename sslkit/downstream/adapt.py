@@ -1,0 +1,181 @@
+"""Adaptation modes: how a pretrained encoder takes part in downstream training, and loading its weights.
+
+A mode is a function `(model, adapt_cfg, lr) -> Adaptation` registered under a name. It decides which
+parameters train (optimizer param groups) and which modules stay in eval mode (frozen ones keep their
+normalisation statistics too). New modes (adapters, prompt tuning) register here without touching train.py:
+
+    @register_mode("my_adapter")
+    def my_adapter(model, cfg, lr):
+        ...  # add modules to the model, freeze the rest
+        return Adaptation(param_groups=[{"params": new_params, "lr": lr}], frozen_modules=[model.encoder])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from sslkit.errors import ConfigError
+
+
+@dataclass
+class Adaptation:
+    param_groups: list[dict]
+    frozen_modules: list[nn.Module] = field(default_factory=list)
+
+    def train_mode(self, model: nn.Module) -> None:
+        """model.train(), then frozen modules back to eval (no dropout / norm statistics updates)."""
+        model.train()
+        for m in self.frozen_modules:
+            m.eval()
+
+
+_MODES: dict[str, Callable] = {}
+
+
+def register_mode(name: str):
+    def wrap(fn):
+        _MODES[name] = fn
+        return fn
+
+    return wrap
+
+
+def mode_names() -> list[str]:
+    return sorted(_MODES)
+
+
+def adapt(model: nn.Module, adapt_cfg, lr: float) -> Adaptation:
+    if adapt_cfg.mode not in _MODES:
+        raise ConfigError(f"adapt.mode: '{adapt_cfg.mode}' is not one of {', '.join(mode_names())}")
+    return _MODES[adapt_cfg.mode](model, adapt_cfg, lr)
+
+
+def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(encoder params, the rest), by identity: segmenters may share encoder tensors with their inner net."""
+    enc = list(model.encoder.parameters())
+    enc_ids = {id(p) for p in enc}
+    rest = [p for p in model.parameters() if id(p) not in enc_ids]
+    return enc, rest
+
+
+@register_mode("full")
+def _full(model: nn.Module, cfg, lr: float) -> Adaptation:
+    enc, rest = _split_params(model)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    scale = getattr(cfg, "encoder_lr_scale", 1.0)
+    groups = [{"params": rest, "lr": lr, "name": "decoder"}, {"params": enc, "lr": lr * scale, "name": "encoder"}]
+    return Adaptation([g for g in groups if g["params"]])
+
+
+@register_mode("frozen_encoder")
+def _frozen_encoder(model: nn.Module, cfg, lr: float) -> Adaptation:
+    enc, rest = _split_params(model)
+    for p in enc:
+        p.requires_grad_(False)
+    for p in rest:
+        p.requires_grad_(True)
+    return Adaptation([{"params": rest, "lr": lr, "name": "decoder"}], frozen_modules=[model.encoder])
+
+
+# ------------------------------------------------------------------------------------ encoder weights
+
+
+def resolve_encoder_path(path: str | Path) -> Path:
+    """A `.safetensors` file, a torch state-dict file, or a pretraining run dir holding `encoder.safetensors`."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "encoder.safetensors"
+    if not p.is_file():
+        raise ConfigError(f"{p}: encoder weights not found (give a .safetensors file or a pretraining run dir)")
+    return p
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Safe loading only: safetensors, or torch.load(weights_only=True) of a plain state dict."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt / truncated / not weights-only
+        raise ConfigError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
+            from None
+    if isinstance(sd, dict) and isinstance(sd.get("encoder"), dict):
+        sd = sd["encoder"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ConfigError(f"{path}: not a state dict of tensors")
+    return sd
+
+
+def _few(keys: list[str], n: int = 5) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_encoder_weights(model: nn.Module, path: str | Path) -> Path:
+    """Load encoder weights STRICTLY by name into `model.encoder`; any mismatch -> ConfigError (one line)."""
+    p = resolve_encoder_path(path)
+    sd = read_state_dict(p)
+    own = model.encoder.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
+              if sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch {len(shapes)}: {_few(shapes, 3)}")
+        raise ConfigError(f"{p}: encoder weights do not match model.encoder ({type(model.encoder).__name__}); "
+                          + "; ".join(parts))
+    model.encoder.load_state_dict(sd, strict=True)
+    return p
+
+
+# ------------------------------------------------------------------------------ models and checkpoints
+
+
+def build_model(cfg) -> nn.Module:
+    """The segmenter of a DownstreamConfig: in/out channels from data, options from model.args."""
+    from sslkit.models.registry import build_segmenter
+
+    return build_segmenter(cfg.model.name, spatial_dims=cfg.model.spatial_dims, in_channels=cfg.data.in_channels,
+                           out_channels=cfg.data.num_classes, **cfg.model.args)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A finetune checkpoint (`best.pt` / `last.pt`), loaded with torch.load(weights_only=True)."""
+    p = Path(path)
+    if p.is_dir():  # a run dir
+        p = p / "checkpoints" / "best.pt"
+    if not p.is_file():
+        raise ConfigError(f"{p}: checkpoint not found")
+    try:
+        ck = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"{p}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
+            from None
+    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
+        raise ConfigError(f"{p}: not an sslkit finetune checkpoint (needs 'model' and 'config')")
+    ck["path"] = str(p)
+    return ck
+
+
+def model_from_checkpoint(path: str | Path):
+    """(model with the checkpoint's weights, DownstreamConfig, checkpoint dict)."""
+    from sslkit.downstream.config import downstream_config_from_dict
+
+    ck = read_checkpoint(path)
+    cfg = downstream_config_from_dict(ck["config"])
+    model = build_model(cfg)
+    model.load_state_dict(ck["model"], strict=True)
+    return model, cfg, ck

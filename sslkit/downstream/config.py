@@ -1,0 +1,168 @@
+"""Typed schema for downstream (segmentation) recipes: `downstream/*.yaml`.
+
+Separate from the pretraining schema (`sslkit.config.Config`) but parsed by the same helpers, so unknown keys,
+wrong types and `--set a.b=c` overrides behave the same way (one-line ConfigError with a did-you-mean).
+
+Sections: data, model, adapt, train, loss. See `downstream/btcv.yaml` for a commented example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from sslkit.config import _build, apply_override
+from sslkit.errors import ConfigError
+
+
+@dataclass
+class DownstreamDataConfig:
+    layout: str = "datalist"           # msd | btcv | datalist | mni_gm_wm (demo built from nilearn's bundled maps)
+    root: str = ""                     # MSD task folder / BTCV folder (holding RawData/) / datalist JSON / demo dir
+    task: str = ""                     # informative name, e.g. Task09_Spleen
+    num_classes: int = 2               # including background
+    in_channels: int = 1
+    label_names: list[str] = field(default_factory=list)  # foreground class names (optional, for reports)
+    num_labelled: int = 0              # 0: all training cases; n: a seeded subset of n training cases
+    split_seed: int = 0
+    val_fraction: float = 0.2          # used when the layout has no fixed validation split
+    btcv_val_count: int = 6            # BTCV: the last n cases by id are validation (common 24/6 split)
+    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])  # target voxel size (mm); [] keeps
+    modality: str = "ct"               # ct: clip intensity_range -> [0, 1]; mri: channel-wise non-zero z-score
+    intensity_range: list[float] = field(default_factory=lambda: [-175.0, 250.0])
+    crop_foreground: bool = True
+    roi: list[int] = field(default_factory=lambda: [96, 96, 96])
+    samples_per_volume: int = 4
+    pos: float = 1.0                   # RandCropByPosNegLabeld ratio pos:neg
+    neg: float = 1.0
+    flip_prob: float = 0.1
+    rot90_prob: float = 0.1
+    scale_intensity_prob: float = 0.0  # RandScaleIntensityd factor 0.1
+    shift_intensity_prob: float = 0.5  # RandShiftIntensityd offset 0.1
+    cache_rate: float = 1.0            # fraction of volumes kept preprocessed in memory (MONAI CacheDataset)
+
+
+@dataclass
+class DownstreamModelConfig:
+    name: str = "swin_unetr"           # a registered segmenter: swin_unetr | qt_unet
+    spatial_dims: int = 3
+    args: dict = field(default_factory=dict)  # builder options (feature_size, depths, ...); in/out channels come
+                                               # from data.in_channels / data.num_classes
+
+
+@dataclass
+class AdaptConfig:
+    mode: str = "full"                 # full | frozen_encoder (registry in sslkit.downstream.adapt)
+    encoder_lr_scale: float = 1.0      # full mode: encoder lr = lr * scale
+    options: dict = field(default_factory=dict)  # room for adapter / prompt-tuning modes
+
+
+@dataclass
+class DownstreamTrainConfig:
+    max_steps: int = 0                 # optimizer steps; 0: use max_epochs
+    max_epochs: int = 100
+    batch_size: int = 1                # volumes per step (each gives samples_per_volume crops)
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    val_every: int = 100               # optimizer steps between validations (and checkpoints)
+    seed: int = 0
+    sw_overlap: float = 0.5
+    sw_mode: str = "constant"          # constant | gaussian
+    sw_batch_size: int = 4
+    device: str = "auto"               # auto | cpu | cuda
+    threads: int = 0                   # torch CPU threads (0: torch default)
+    num_workers: int = 0
+    grad_clip: float = 0.0             # 0 disables clipping
+
+
+@dataclass
+class LossConfig:
+    name: str = "dice_ce"
+    lambda_dice: float = 1.0
+    lambda_ce: float = 1.0
+
+
+@dataclass
+class DownstreamConfig:
+    data: DownstreamDataConfig = field(default_factory=DownstreamDataConfig)
+    model: DownstreamModelConfig = field(default_factory=DownstreamModelConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    train: DownstreamTrainConfig = field(default_factory=DownstreamTrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(cfg: DownstreamConfig) -> None:
+    d, t = cfg.data, cfg.train
+    if d.layout not in ("msd", "btcv", "datalist", "mni_gm_wm"):
+        raise ConfigError(f"data.layout: '{d.layout}' is not one of msd, btcv, datalist, mni_gm_wm")
+    if d.modality not in ("ct", "mri"):
+        raise ConfigError(f"data.modality: '{d.modality}' is not one of ct, mri")
+    if d.num_classes < 2:
+        raise ConfigError(f"data.num_classes: needs at least 2 (background + 1), got {d.num_classes}")
+    sd = cfg.model.spatial_dims
+    if sd not in (2, 3):
+        raise ConfigError(f"model.spatial_dims: {sd} is not 2 or 3")
+    if len(d.roi) != sd:
+        raise ConfigError(f"data.roi: needs {sd} sizes, got {d.roi}")
+    if d.spacing and len(d.spacing) != sd:
+        raise ConfigError(f"data.spacing: needs {sd} values (or [] to keep the scan's), got {d.spacing}")
+    if d.modality == "ct" and len(d.intensity_range) != 2:
+        raise ConfigError(f"data.intensity_range: needs [min, max], got {d.intensity_range}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: must be in [0, 1), got {d.val_fraction}")
+    if d.pos < 0 or d.neg < 0 or d.pos + d.neg == 0:
+        raise ConfigError(f"data.pos/data.neg: need non-negative values, not both 0 (got {d.pos}, {d.neg})")
+    if t.sw_mode not in ("constant", "gaussian"):
+        raise ConfigError(f"train.sw_mode: '{t.sw_mode}' is not one of constant, gaussian")
+    if not 0.0 <= t.sw_overlap < 1.0:
+        raise ConfigError(f"train.sw_overlap: must be in [0, 1), got {t.sw_overlap}")
+    if t.max_steps < 0 or (t.max_steps == 0 and t.max_epochs < 1):
+        raise ConfigError("train.max_steps / train.max_epochs: set max_steps >= 1 or max_epochs >= 1")
+    if t.batch_size < 1 or t.val_every < 1:
+        raise ConfigError("train.batch_size and train.val_every must be at least 1")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device: '{t.device}' is not one of auto, cpu, cuda")
+    if cfg.loss.name != "dice_ce":
+        raise ConfigError(f"loss.name: '{cfg.loss.name}' is not one of dice_ce")
+    from sslkit.downstream.adapt import mode_names
+
+    if cfg.adapt.mode not in mode_names():
+        raise ConfigError(f"adapt.mode: '{cfg.adapt.mode}' is not one of {', '.join(mode_names())}")
+    for k in ("in_channels", "out_channels", "spatial_dims"):
+        if k in cfg.model.args:
+            raise ConfigError(f"model.args.{k}: set by data.in_channels / data.num_classes / model.spatial_dims")
+
+
+def downstream_config_from_dict(raw: dict) -> DownstreamConfig:
+    cfg = _build(DownstreamConfig, dict(raw or {}), "")
+    _check(cfg)
+    return cfg
+
+
+def load_downstream_config(path: str | Path | None, overrides: list[str] = ()) -> DownstreamConfig:
+    """Read a downstream YAML recipe (or defaults with path=None), apply `--set` overrides, validate."""
+    raw: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            raise ConfigError(f"{p}: not valid YAML" + (f" (line {line + 1})" if line is not None else "")) from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: a recipe must be a YAML mapping")
+    for o in overrides:
+        apply_override(raw, o)
+    return downstream_config_from_dict(raw)
+
+
+def save_downstream_config(cfg: DownstreamConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

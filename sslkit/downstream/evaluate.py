@@ -1,0 +1,162 @@
+"""Sliding-window validation, per-case / per-class reports (JSON, CSV, Markdown) and run comparison.
+
+Metrics are computed on the pre-processed grid the model sees (orientation RAS, `data.spacing`, foreground
+crop), distances in mm of that grid — the Swin-UNETR / MONAI tutorial practice. `predict` is the path that
+returns label maps in the original scan geometry.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sslkit.downstream.metrics import case_metrics, jsonable, summarize
+from sslkit.errors import ConfigError
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def class_names(cfg) -> list[str]:
+    names = list(cfg.data.label_names)
+    n = cfg.data.num_classes - 1
+    return (names + [f"class_{i}" for i in range(len(names) + 1, n + 1)])[:n]
+
+
+def plain(x) -> torch.Tensor:
+    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
+
+
+@torch.no_grad()
+def infer_logits(model, image: torch.Tensor, cfg, device) -> torch.Tensor:
+    """(B, C_in, *S) -> (B, num_classes, *S) logits by MONAI sliding-window inference."""
+    from monai.inferers import sliding_window_inference
+
+    t = cfg.train
+    return sliding_window_inference(image.to(device), list(cfg.data.roi), t.sw_batch_size, model,
+                                    overlap=t.sw_overlap, mode=t.sw_mode)
+
+
+@torch.no_grad()
+def validate(model, dataset, cfg, device, cases: list[dict] | None = None) -> tuple[dict, list[dict]]:
+    """(summary, per_case) over a dataset of pre-processed {image, label} volumes."""
+    was_training = model.training
+    model.eval()
+    per_case = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        img, lab = item["image"], item["label"]
+        spacing = [float(s) for s in lab.pixdim] if hasattr(lab, "pixdim") else None
+        logits = infer_logits(model, plain(img)[None], cfg, device)
+        pred = logits.argmax(1)[0].cpu()
+        m = case_metrics(pred, plain(lab)[0].round().long(), cfg.data.num_classes, spacing)
+        name = Path(str((cases[i]["label"] if cases else f"case_{i}"))).name
+        per_case.append({"case": name, **m})
+    model.train(was_training)
+    return summarize(per_case, class_names(cfg)), per_case
+
+
+def write_reports(summary: dict, per_case: list[dict], names: list[str], out_dir: Path, title: str) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(jsonable({"summary": summary, "class_names": names,
+                                                               "per_case": per_case}), indent=2))
+    with open(out_dir / "per_case.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["case", "class", "dice", "hd95_mm", "asd_mm"])
+        for c in per_case:
+            for j, n in enumerate(names):
+                w.writerow([c["case"], n, _fmt(c["dice"][j]), _fmt(c["hd95"][j]), _fmt(c["asd"][j])])
+    lines = [f"# {title}", "", f"{summary['n_cases']} cases; mean Dice {_fmt(summary['mean_dice'])}, "
+             f"mean HD95 {_fmt(summary['mean_hd95'])} mm, mean ASD {_fmt(summary['mean_asd'])} mm", "",
+             "| class | Dice | HD95 (mm) | ASD (mm) | missed/spurious |", "|---|---|---|---|---|"]
+    for n in names:
+        r = summary["per_class"][n]
+        lines.append(f"| {n} | {_fmt(r['dice'])} | {_fmt(r['hd95'])} | {_fmt(r['asd'])} | {r['hd95_n_inf']} |")
+    lines += ["", "## Per case (Dice)", "", "| case | " + " | ".join(names) + " |",
+              "|---|" + "---|" * len(names)]
+    for c in per_case:
+        lines.append(f"| {c['case']} | " + " | ".join(_fmt(v) for v in c["dice"]) + " |")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "nan"
+    if isinstance(v, str):
+        return v
+    if math.isinf(v):
+        return "inf"
+    return f"{v:.4f}"
+
+
+def evaluate(run_dir: str | Path, ckpt: str | Path | None = None, out_dir: str | Path | None = None,
+             data_root: str | None = None, device: str = "auto") -> dict:
+    """Evaluate a finetune run's best checkpoint on its validation cases.
+
+    Writes <out_dir or run_dir/eval>/metrics.json, per_case.csv, report.md; returns the summary dict.
+    `data_root` replaces the recipe's data.root (e.g. the data moved).
+    """
+    from sslkit.downstream.adapt import model_from_checkpoint
+    from sslkit.downstream.data import eval_transforms, list_cases
+
+    run_dir = Path(run_dir)
+    model, cfg, ck = model_from_checkpoint(ckpt or run_dir / "checkpoints" / "best.pt")
+    if data_root:
+        cfg.data.root = data_root
+    dev = resolve_device(device)
+    model.to(dev)
+    from monai.data import Dataset
+
+    _, val = list_cases(cfg.data)
+    summary, per_case = validate(model, Dataset(val, eval_transforms(cfg.data)), cfg, dev, val)
+    summary["checkpoint"] = ck["path"]
+    summary["step"] = int(ck.get("step", -1))
+    write_reports(summary, per_case, class_names(cfg), Path(out_dir) if out_dir else run_dir / "eval",
+                  f"{cfg.data.task or cfg.data.layout}: {run_dir.name}")
+    return summary
+
+
+def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
+    """Side-by-side per-class Dice / HD95 / ASD of evaluated runs (each needs <run>/eval/metrics.json).
+
+    `out`: a `.md` path (a `.csv` with the same stem is written beside it) or a folder (compare.md/.csv).
+    Returns the Markdown path.
+    """
+    runs = []
+    for r in run_dirs:
+        p = Path(r) / "eval" / "metrics.json"
+        if not p.is_file():
+            raise ConfigError(f"{p}: not found; run `sslkit evaluate {r}` first")
+        runs.append((Path(r).name, json.loads(p.read_text())))
+    out = Path(out)
+    md = out if out.suffix == ".md" else out / "compare.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    names = []
+    for _, m in runs:
+        names += [n for n in m["class_names"] if n not in names]
+    header = ["class"] + [f"{rn} {k}" for rn, _ in runs for k in ("Dice", "HD95", "ASD")]
+    rows = []
+    for n in names + ["mean"]:
+        row = [n]
+        for _, m in runs:
+            s = m["summary"]
+            r = s["per_class"].get(n) if n != "mean" else {"dice": s["mean_dice"], "hd95": s["mean_hd95"],
+                                                            "asd": s["mean_asd"]}
+            row += [_fmt(r[k]) if r else "-" for k in ("dice", "hd95", "asd")]
+        rows.append(row)
+    with open(md.with_suffix(".csv"), "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    md.write_text("\n".join(lines) + "\n")
+    return md

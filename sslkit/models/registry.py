@@ -1,0 +1,71 @@
+"""Name -> builder registries for encoders and segmentation models."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from typing import Callable
+
+from sslkit.errors import ConfigError, closest
+
+_ENCODERS: dict[str, Callable] = {}
+_SEGMENTERS: dict[str, Callable] = {}
+# Modules imported lazily on first lookup so that `import sslkit` stays light.
+_MODULES = ("sslkit.models.swin_unetr", "sslkit.models.qt_unet", "sslkit.models.punet", "sslkit.models.sam")
+
+
+def register_encoder(name: str):
+    def wrap(fn):
+        _ENCODERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_segmenter(name: str):
+    def wrap(fn):
+        _SEGMENTERS[name] = fn
+        return fn
+
+    return wrap
+
+
+def _load_all() -> None:
+    for mod in _MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # an architecture not written yet
+            if e.name != mod:
+                raise
+
+
+def _build(table: dict, kind: str, name: str, key: str, **kwargs):
+    _load_all()
+    if name not in table:
+        close = closest(name, list(table))
+        hint = f" (did you mean '{close}'?)" if close else f" (known: {', '.join(sorted(table))})"
+        raise ConfigError(f"{key}: unknown {kind} '{name}'{hint}")
+    fn = table[name]
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        for k in kwargs:
+            if k not in params:
+                close = closest(k, list(params))
+                hint = f" (did you mean '{close}'?)" if close else ""
+                raise ConfigError(f"model.{k}: not an option of {kind} '{name}'{hint}")
+    return fn(**kwargs)
+
+
+def build_encoder(name: str, **kwargs):
+    """Build a registered Encoder, e.g. build_encoder('swin_unetr', spatial_dims=3, in_channels=1)."""
+    return _build(_ENCODERS, "encoder", name, "model.name", **kwargs)
+
+
+def build_segmenter(name: str, **kwargs):
+    """Build a registered segmentation model (encoder + decoder); its `.encoder` is an Encoder."""
+    return _build(_SEGMENTERS, "segmentation model", name, "model.name", **kwargs)
+
+
+def encoder_names() -> list[str]:
+    _load_all()
+    return sorted(_ENCODERS)

@@ -1,0 +1,90 @@
+"""The Objective contract (DESIGN.md, "Contracts") and the per-step context that shares encoder forwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ObjectiveOutput:
+    """loss: scalar tensor with grad; logs: floats for metrics.jsonl; embeddings: (B, D) for the collapse monitor."""
+
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+    embeddings: torch.Tensor | None = None
+    # Optional extra: teacher embeddings aligned with `embeddings`, for the teacher-student cosine.
+    teacher_embeddings: torch.Tensor | None = None
+
+
+class ForwardContext:
+    """Memoises derived views and encoder forwards within one micro-batch.
+
+    Objectives that need the same input ask for it by the same name, so the encoder runs once per view:
+        x = ctx.view("rot_cutout", make_rot_cutout)       # dict built once, by the first caller
+        feats = ctx.features("rot_cutout:input", x["input"])  # encoder(x) once
+    `encoder_calls` counts real encoder forwards (tests use it).
+    """
+
+    def __init__(self, batch: dict, encoder: nn.Module):
+        self.batch = batch
+        self.encoder = encoder
+        self._views: dict[str, dict] = {}
+        self._features: dict[str, list[torch.Tensor]] = {}
+        self.encoder_calls = 0
+
+    def view(self, name: str, make: Callable[[dict], dict]) -> dict:
+        if name not in self._views:
+            self._views[name] = make(self.batch)
+        return self._views[name]
+
+    def features(self, key: str, inputs: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Encoder stage maps of `inputs` (default: batch[key]), computed once per key."""
+        if key not in self._features:
+            x = self.batch[key] if inputs is None else inputs
+            self._features[key] = self.encoder(x)
+            self.encoder_calls += 1
+        return self._features[key]
+
+
+class Objective(nn.Module):
+    """A self-supervised objective. Owns its math and its heads (as parameters); the engine owns the loop.
+
+    forward(batch, encoder, ctx=None) -> ObjectiveOutput
+    on_optimizer_step(step, total_steps): called by the engine after each real optimizer step (never per
+        micro-batch); teachers and schedules advance here.
+    teachers(): EMA teachers kept outside the optimizer; the engine moves, gathers and checkpoints them.
+    """
+
+    name: str = "objective"
+
+    def forward(self, batch: dict, encoder: nn.Module, ctx: ForwardContext | None = None) -> ObjectiveOutput:
+        raise NotImplementedError
+
+    def on_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Default: nothing to advance."""
+
+    def teachers(self) -> dict:
+        """EMA teachers (sslkit.objectives.teacher.EMATeacher) this objective owns, by name. Default: none."""
+        return {}
+
+    def teacher_state(self) -> dict[str, torch.Tensor]:
+        """Teacher tensors a checkpoint must hold (they live outside the optimizer)."""
+        return {f"{n}.{k}": v for n, t in self.teachers().items() for k, v in t.state_dict().items()}
+
+    def load_teacher_state(self, state: dict[str, torch.Tensor]) -> None:
+        for n, t in self.teachers().items():
+            prefix = f"{n}."
+            t.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+
+    def log_scalars(self) -> dict[str, float]:
+        """Scalars logged once per optimizer step (e.g. ema_tau). Default: none."""
+        return {}
+
+
+def pooled(feature: torch.Tensor) -> torch.Tensor:
+    """Global average pool of a stage map: (B, C, *spatial) -> (B, C)."""
+    return feature.flatten(2).mean(-1)
