@@ -59,6 +59,7 @@ class DataConfig:
     view_intensity_shift: float = 0.1
     view_intensity_scale: float = 0.1
     view_noise_std: float = 0.05
+    view_shift: float = 0.0            # second view's crop moved by up to this fraction of roi per axis
 
 
 @dataclass

@@ -16,7 +16,6 @@ import torch
 from sslkit.config import DataConfig
 from sslkit.data import (
     PretrainDataset,
-    PretrainSampler,
     build_demo_corpus,
     index_folder,
     is_dicom_series_dir,
@@ -27,14 +26,6 @@ from sslkit.data import (
 from sslkit.errors import DataError
 
 # ------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="session")
-def demo_dir() -> Path:
-    """The demo corpus, built once (SSLKIT_DEMO_DIR may point to a prebuilt one)."""
-    d = Path(os.environ.get("SSLKIT_DEMO_DIR", "/tmp/sslkit-test-demo"))
-    build_demo_corpus(d)
-    return d
 
 
 @pytest.fixture(scope="session")
@@ -318,12 +309,3 @@ def test_no_valid_scan_raises(tmp_path):
         ds.prepare(progress=False)
 
 
-def test_sampler_shards_and_resumes():
-    s0, s1 = PretrainSampler(10, seed=1, rank=0, world_size=2), PretrainSampler(10, seed=1, rank=1, world_size=2)
-    keys = list(s0) + list(s1)
-    assert sorted(k[0] for k in keys) == list(range(10)) and all(k[1] == 0 for k in keys)
-    s0.set_epoch(1)
-    e1 = list(s0)
-    assert e1 != list(PretrainSampler(10, seed=1, world_size=2)) and all(k[1] == 1 for k in e1)
-    s0.set_epoch(1, start=2)
-    assert list(s0) == e1[2:] and len(s0) == 3

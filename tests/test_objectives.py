@@ -310,7 +310,7 @@ def augment(x: torch.Tensor) -> torch.Tensor:
 
 
 TRAIN = [  # name, encoder, options, AdamW lr
-    ("simclr", "swin", {"hidden_dim": 64, "out_dim": 32, "temperature": 0.5}, 1e-3),
+    ("simclr", "swin", {"hidden_dim": 64, "out_dim": 32, "temperature": 0.2}, 3e-4),
     ("rotation", "swin", {}, 1e-3),
     ("inpainting", "swin", {}, 1e-3),
     ("simmim", "swin", {"mask_patch_size": 8, "stage": -2}, 1e-3),

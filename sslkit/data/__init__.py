@@ -2,7 +2,7 @@
 
 from sslkit.data.datalist import index_folder, load_datalist, write_datalist
 from sslkit.data.demo import build_demo_corpus
-from sslkit.data.pretrain import PretrainDataset, PretrainSampler, cache_key
+from sslkit.data.pretrain import PretrainDataset, cache_key
 from sslkit.data.readers import Scan, is_dicom_series_dir, load_scan, validate
 from sslkit.data.transforms import LoadScand, preprocess_transforms, preprocessing_params
 
@@ -10,6 +10,6 @@ __all__ = [
     "Scan", "load_scan", "validate", "is_dicom_series_dir",
     "load_datalist", "index_folder", "write_datalist",
     "LoadScand", "preprocess_transforms", "preprocessing_params",
-    "PretrainDataset", "PretrainSampler", "cache_key",
+    "PretrainDataset", "cache_key",
     "build_demo_corpus",
 ]

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from sslkit.config import DataConfig
 from sslkit.data.transforms import preprocess_transforms, preprocessing_params
 from sslkit.errors import DataError, UserError
 
-_CROP, _VIEW1, _VIEW2, _PROBE = 0, 1, 2, 3  # rng sub-streams
+_CROP, _VIEW1, _VIEW2, _PROBE, _SHIFT = 0, 1, 2, 3, 4  # rng sub-streams
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:
@@ -181,9 +181,13 @@ class PretrainDataset(Dataset):
     def _rng(self, index: int, epoch: int, stream: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(epoch), int(index), stream])
 
-    def _crop(self, arr: np.ndarray, rng: np.random.Generator, center: bool = False) -> np.ndarray:
+    def _crop(self, arr: np.ndarray, rng: np.random.Generator, center: bool = False,
+              shift_rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(C, X, Y, Z) -> (C, *roi): random (or jittered-centre) window, zero-padded where the volume is smaller.
-        2-D: pick an axial slice first, (C, X, Y, Z) -> (C, X, Y) -> (C, H, W)."""
+        2-D: pick an axial slice first, (C, X, Y, Z) -> (C, X, Y) -> (C, H, W).
+
+        With `shift_rng` a second window is cut too, moved from the first by up to data.view_shift x roi per
+        axis (overlapping crops for the second view). Returns (first, second); second is first without it."""
         if self.spatial_dims == 2:
             nz = arr.shape[3]
             z = int(rng.integers(nz // 4, max(nz // 4, 3 * nz // 4) + 1)) if center else int(rng.integers(0, nz))
@@ -197,6 +201,16 @@ class PretrainDataset(Dataset):
                 starts.append(hi // 2 + int(rng.integers(-jitter, jitter + 1)))
             else:
                 starts.append(int(rng.integers(0, hi + 1)))
+        first = self._window(arr, starts)
+        if shift_rng is None or self.cfg.view_shift <= 0:
+            return first, first
+        moved = []
+        for a, s, r in zip(starts, sizes, self.roi):
+            m = int(round(self.cfg.view_shift * r))
+            moved.append(int(np.clip(a + shift_rng.integers(-m, m + 1), 0, max(0, s - r))))
+        return first, self._window(arr, moved)
+
+    def _window(self, arr: np.ndarray, starts: list[int]) -> np.ndarray:
         sl = (slice(None),) + tuple(slice(a, a + r) for a, r in zip(starts, self.roi))
         patch = np.array(arr[sl], dtype=np.float32, copy=True)  # copies only the window out of the memmap
         if patch.shape[1:] != self.roi:
@@ -223,9 +237,10 @@ class PretrainDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} crops")
         arr = self._volume(index // self.crops_per_volume)
-        crop = self._crop(arr, self._rng(index, epoch, _CROP))            # (C, *roi)
+        crop, crop2 = self._crop(arr, self._rng(index, epoch, _CROP),
+                                 shift_rng=self._rng(index, epoch, _SHIFT))    # (C, *roi) each
         v1 = self._augment(crop, self._rng(index, epoch, _VIEW1))
-        v2 = self._augment(crop, self._rng(index, epoch, _VIEW2))
+        v2 = self._augment(crop2, self._rng(index, epoch, _VIEW2))
         return {"image": torch.from_numpy(crop), "view1": torch.from_numpy(v1),
                 "view2": torch.from_numpy(v2), "index": index}
 
@@ -234,32 +249,6 @@ class PretrainDataset(Dataset):
         crops = []
         for i in range(n):
             rng = np.random.default_rng([self.seed, _PROBE, i])
-            crops.append(self._crop(self._volume(i % len(self.volumes)), rng, center=True))
+            crops.append(self._crop(self._volume(i % len(self.volumes)), rng, center=True)[0])
         return torch.from_numpy(np.stack(crops))
 
-
-class PretrainSampler(Sampler):
-    """Yields `(index, epoch)` keys for PretrainDataset: a permutation seeded by (seed, epoch), sharded by rank.
-
-    Call `set_epoch(e)` each epoch. With `start` the first `start` keys of this rank are skipped (resume)."""
-
-    def __init__(self, length: int, seed: int, rank: int = 0, world_size: int = 1, shuffle: bool = True):
-        self.length, self.seed, self.rank, self.world_size, self.shuffle = length, seed, rank, world_size, shuffle
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = int(epoch), int(start)
-
-    def _keys(self) -> list[int]:
-        order = (np.random.default_rng([self.seed, self.epoch, 7]).permutation(self.length)
-                 if self.shuffle else np.arange(self.length))
-        per_rank = -(-self.length // self.world_size)
-        order = np.resize(order, per_rank * self.world_size)  # pad by wrapping so ranks get equal counts
-        return order[self.rank::self.world_size].tolist()
-
-    def __iter__(self):
-        for i in self._keys()[self.start:]:
-            yield (int(i), self.epoch)
-
-    def __len__(self) -> int:
-        return max(0, -(-self.length // self.world_size) - self.start)

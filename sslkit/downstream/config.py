@@ -68,6 +68,7 @@ class DownstreamTrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-5
     val_every: int = 100               # optimizer steps between validations (and checkpoints)
+    val_cases: int = 0                 # validate during training on this many evenly spaced cases (0: all)
     seed: int = 0
     sw_overlap: float = 0.5
     sw_mode: str = "constant"          # constant | gaussian

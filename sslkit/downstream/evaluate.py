@@ -33,6 +33,13 @@ def class_names(cfg) -> list[str]:
     return (names + [f"class_{i}" for i in range(len(names) + 1, n + 1)])[:n]
 
 
+def subset_indices(n: int, k: int | None) -> list[int]:
+    """k evenly spaced indices of range(n) (all when k is 0/None or >= n)."""
+    if not k or k >= n:
+        return list(range(n))
+    return sorted({int(round(i)) for i in np.linspace(0, n - 1, k)})
+
+
 def plain(x) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
@@ -48,12 +55,13 @@ def infer_logits(model, image: torch.Tensor, cfg, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validate(model, dataset, cfg, device, cases: list[dict] | None = None) -> tuple[dict, list[dict]]:
-    """(summary, per_case) over a dataset of pre-processed {image, label} volumes."""
+def validate(model, dataset, cfg, device, cases: list[dict] | None = None,
+             max_cases: int | None = None) -> tuple[dict, list[dict]]:
+    """(summary, per_case) over a dataset of pre-processed {image, label} volumes (or `max_cases` of them)."""
     was_training = model.training
     model.eval()
     per_case = []
-    for i in range(len(dataset)):
+    for i in subset_indices(len(dataset), max_cases):
         item = dataset[i]
         img, lab = item["image"], item["label"]
         spacing = [float(s) for s in lab.pixdim] if hasattr(lab, "pixdim") else None
@@ -100,11 +108,12 @@ def _fmt(v) -> str:
 
 
 def evaluate(run_dir: str | Path, ckpt: str | Path | None = None, out_dir: str | Path | None = None,
-             data_root: str | None = None, device: str = "auto") -> dict:
+             data_root: str | None = None, device: str = "auto", max_cases: int | None = None) -> dict:
     """Evaluate a finetune run's best checkpoint on its validation cases.
 
     Writes <out_dir or run_dir/eval>/metrics.json, per_case.csv, report.md; returns the summary dict.
-    `data_root` replaces the recipe's data.root (e.g. the data moved).
+    `data_root` replaces the recipe's data.root (e.g. the data moved); `max_cases` evaluates that many evenly
+    spaced validation cases only (quick checks; the same subset as train.val_cases).
     """
     from sslkit.downstream.adapt import model_from_checkpoint
     from sslkit.downstream.data import eval_transforms, list_cases
@@ -118,7 +127,7 @@ def evaluate(run_dir: str | Path, ckpt: str | Path | None = None, out_dir: str |
     from monai.data import Dataset
 
     _, val = list_cases(cfg.data)
-    summary, per_case = validate(model, Dataset(val, eval_transforms(cfg.data)), cfg, dev, val)
+    summary, per_case = validate(model, Dataset(val, eval_transforms(cfg.data)), cfg, dev, val, max_cases)
     summary["checkpoint"] = ck["path"]
     summary["step"] = int(ck.get("step", -1))
     write_reports(summary, per_case, class_names(cfg), Path(out_dir) if out_dir else run_dir / "eval",

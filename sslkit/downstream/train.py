@@ -100,8 +100,8 @@ def _finetune(cfg, run_dir: Path, encoder_path, resume, progress) -> dict:
                               f"use a new run dir or the same recipe")
     save_downstream_config(cfg, run_dir / "config.yaml")
 
+    model = build_model(cfg)  # right after seeding: the initial weights depend only on train.seed
     train_ds, val_ds, train_cases, val_cases = make_datasets(cfg.data)
-    model = build_model(cfg)
     loaded_from = None
     if encoder_path and ck is None:
         loaded_from = str(load_encoder_weights(model, encoder_path))
@@ -168,7 +168,7 @@ def _finetune(cfg, run_dir: Path, encoder_path, resume, progress) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{lv:.4f}", best_dice=f"{best_dice:.4f}" if best_step >= 0 else "-")
             if step % t.val_every == 0 or step == total:
-                summary, _ = validate(model, val_ds, cfg, device, val_cases)
+                summary, _ = validate(model, val_ds, cfg, device, val_cases, t.val_cases)
                 adaptation.train_mode(model)
                 md = summary["mean_dice"]
                 last_val = md

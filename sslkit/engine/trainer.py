@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -290,7 +291,9 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
             metrics_out.write(last)
             tb.log(step, last)
             if bar is not None:
-                _advance(bar, last, events)
+                _advance(bar, last)
+            for e in events:
+                _say(bar, f"ALARM [{e.action}] {e.message}")
         stop_events = [e for e in events if e.action in ("stop", "stop_keep_healthy")]
         if stop_events:
             stopped = True
@@ -340,7 +343,7 @@ def _finish_stop(run_dir: Path, events, healthy_ckpt: str | None, rank: int) -> 
         msg += f" -- last healthy checkpoint: checkpoints/{healthy_ckpt}"
     elif keep:
         msg += " -- no healthy checkpoint was saved before the alarm"
-    print(f"run stopped by alarm: {msg}", flush=True)
+    print(f"run stopped by alarm: {msg}", file=sys.stderr, flush=True)
 
 
 def export_encoder(model: SSLModel, out: Path) -> None:
@@ -362,11 +365,17 @@ def _progress_bar(total: int, initial: int):
                 mininterval=1.0)
 
 
-def _advance(bar, m: dict, events) -> None:
+def _say(bar, text: str) -> None:
+    """A line on stderr that does not tear the progress bar."""
+    if bar is not None:
+        bar.write(text, file=sys.stderr)
+    else:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _advance(bar, m: dict) -> None:
     bar.update(m["step"] - bar.n)
     post = {"loss": f"{m['loss']:.4f}", "samples/s": f"{m['samples_per_s']:.2f}", "lr": f"{m['lr']:.2e}"}
     if "monitor/embedding_std" in m:
         post["std"] = f"{m['monitor/embedding_std']:.2f}"
     bar.set_postfix(post, refresh=False)
-    for e in events:
-        bar.write(f"ALARM [{e.action}] step {e.step}: {e.message}")
