@@ -5,7 +5,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.sslkit-installed
-APT_PKGS := invesalius-examples mricron-data chromium
+APT_PKGS := invesalius-examples mricron-data chromium libaio-dev
 # torch / torchvision are pinned here (pyproject.toml keeps ranges) so pip takes the builds on local disk
 TORCH   := torch==2.14.1 torchvision==0.29.1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/sslkit/torch_extensions

@@ -164,3 +164,22 @@ def test_byol_loss_falls_on_real_scans(accum_runs):
     runs, _ = accum_runs
     losses = [json.loads(x)["loss"] for x in (runs["plain"].run_dir / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0]
+
+
+def test_bf16_zero1_run_and_resume(demo_dir, scan_cache, tmp_path):
+    """bf16 under ZeRO-1: the run trains, the teacher stays fp32, and resuming from a middle checkpoint
+    (optimizer partitions read with torch.load(weights_only=True)) ends with the same weights."""
+    import shutil
+
+    raw = tiny_raw(demo_dir, scan_cache, train={"precision": "bf16", "zero_stage": 1, "max_steps": 3})
+    full = pretrain(config_from_dict(raw), tmp_path / "full", progress=False)
+    assert full.steps == 3 and math.isfinite(full.last_metrics["loss"])
+    s_full, t_full = ckpt_tensors(full.run_dir, 3)
+    assert all(v.dtype == torch.float32 for k, v in t_full.items() if v.is_floating_point() and "._" not in k)
+    part = tmp_path / "part"
+    (part / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full.run_dir / "checkpoints" / "step_00000002", part / "checkpoints" / "step_00000002")
+    resumed = pretrain(config_from_dict(raw), part, resume="auto", progress=False)
+    assert resumed.steps == 3
+    s_res, t_res = ckpt_tensors(part, 3)
+    assert max_abs_diff(s_full, s_res) == 0.0 and max_abs_diff(t_full, t_res) == 0.0

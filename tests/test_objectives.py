@@ -310,7 +310,7 @@ def augment(x: torch.Tensor) -> torch.Tensor:
 
 
 TRAIN = [  # name, encoder, options, AdamW lr
-    ("simclr", "swin", {"hidden_dim": 64, "out_dim": 32, "temperature": 0.2}, 3e-4),
+    ("simclr", "swin", {"hidden_dim": 64, "out_dim": 32, "temperature": 0.2, "head_norm": "batch"}, 3e-4),
     ("rotation", "swin", {}, 1e-3),
     ("inpainting", "swin", {}, 1e-3),
     ("simmim", "swin", {"mask_patch_size": 8, "stage": -2}, 1e-3),
@@ -320,19 +320,20 @@ TRAIN = [  # name, encoder, options, AdamW lr
 ]
 
 
-@pytest.mark.parametrize("dims", [2, 3])
-@pytest.mark.parametrize("name,kind,opts,lr", TRAIN, ids=[t[0] for t in TRAIN])
-def test_training_lowers_loss_on_real_scan(scan, dims, name, kind, opts, lr):
+def train_losses(scan, dims, name, kind, opts, lr, steps=30) -> list[float]:
+    """Plain AdamW loop over a fixed pool of 2 batches of 4 real crops; the RNG is re-seeded per pool item, so
+    each item keeps its views and corruptions (rotation labels, boxes, masks, lambda): the objective must fit
+    a small fixed set, a check that is not at the mercy of sampling noise in 30 steps."""
     torch.manual_seed(0)
-    torch.set_num_threads(2)
     size = 32 if dims == 2 else 16  # 2D 32^2 slices, 3D 16^3 cubes: a few seconds on 2 CPU cores
     enc = tiny_swin(dims) if kind == "swin" else tiny_vit(dims)
     obj = build_objective({"name": name, **opts}, enc)
     params = list(enc.parameters()) + list(obj.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pool = [crops(scan, dims, 4, size) for _ in range(2)]  # a fixed small set of real crops
+    pool = [crops(scan, dims, 4, size) for _ in range(2)]
     losses = []
-    for step in range(30):
+    for step in range(steps):
+        torch.manual_seed(1000 + step % len(pool))
         img = pool[step % len(pool)]
         batch = {"image": img, "view1": augment(img), "view2": augment(img), "index": torch.arange(4)}
         out = obj(batch, enc)
@@ -340,6 +341,13 @@ def test_training_lowers_loss_on_real_scan(scan, dims, name, kind, opts, lr):
         out.loss.backward()
         opt.step()
         losses.append(float(out.loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("name,kind,opts,lr", TRAIN, ids=[t[0] for t in TRAIN])
+def test_training_lowers_loss_on_real_scan(scan, dims, name, kind, opts, lr):
+    losses = train_losses(scan, dims, name, kind, opts, lr)
     assert all(math.isfinite(v) for v in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < first, f"{name} {dims}D: first {first:.4f} last {last:.4f}"
+    assert last < 0.95 * first, f"{name} {dims}D: first {first:.4f} last {last:.4f}: {losses}"
