@@ -131,19 +131,27 @@ def our_step(enc, comp, opt, batch):
     return out.loss
 
 
-def time_steps(step, n_warm, n, device, autocast):
+def time_interleaved(steps: dict, n_warm: int, n: int, device, autocast) -> dict:
+    """Seconds per named step over n runs, the steps alternating (ours, reference, ours, ...) so that a
+    machine shared with other jobs slows both alike."""
+    def run(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with autocast():
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
     for _ in range(n_warm):
-        with autocast():
-            step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
+        for fn in steps.values():
+            run(fn)
+    total = {k: 0.0 for k in steps}
     for _ in range(n):
-        with autocast():
-            step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
+        for k, fn in steps.items():
+            total[k] += run(fn)
+    return total
 
 
 def main(argv=None):
@@ -168,11 +176,11 @@ def main(argv=None):
     enc, comp = build_ours(a.feature_size)
     enc.to(device), comp.to(device)
     opt = torch.optim.AdamW(list(enc.parameters()) + list(comp.parameters()), lr=4e-4, weight_decay=0.1)
-    t_ours = time_steps(lambda: our_step(enc, comp, opt, batch), a.warmup, a.steps, device, autocast)
-
     ref = RefModel(a.feature_size).to(device)
     ropt = torch.optim.AdamW(ref.parameters(), lr=4e-4, weight_decay=0.1)
-    t_ref = time_steps(lambda: ref_step(ref, ropt, batch), a.warmup, a.steps, device, autocast)
+    t = time_interleaved({"ours": lambda: our_step(enc, comp, opt, batch),
+                          "ref": lambda: ref_step(ref, ropt, batch)}, a.warmup, a.steps, device, autocast)
+    t_ours, t_ref = t["ours"], t["ref"]
 
     s_ours, s_ref = a.batch * a.steps / t_ours, a.batch * a.steps / t_ref
     print(f"device {device.type} precision {precision} roi {a.roi}^3 batch {a.batch} feature_size {a.feature_size} "

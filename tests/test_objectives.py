@@ -30,6 +30,16 @@ from sslkit.objectives.views import CorruptionSpec, cutout, rotate_batch, shared
 CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-waiting on a busy core made
+    these loops 10-30x slower; one thread keeps each run at a few seconds."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_swin(dims: int):
     return build_encoder("swin_unetr", spatial_dims=dims, in_channels=1, feature_size=12, window_size=4,
                          depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
@@ -342,6 +352,8 @@ def train_losses(scan, dims, name, kind, opts, lr, steps=30) -> list[float]:
         opt.step()
         losses.append(float(out.loss.detach()))
     return losses
+
+
 
 
 @pytest.mark.parametrize("dims", [2, 3])

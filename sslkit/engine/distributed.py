@@ -62,6 +62,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, on every rank (a no-op for one process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([1 if flag else 0], device=device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def zero3_gather(params):
     """Context that all-gathers ZeRO-3 partitioned parameters (a no-op for plain ones)."""
     if any(hasattr(p, "ds_id") for p in params):

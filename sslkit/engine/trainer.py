@@ -210,7 +210,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
         teacher.to(device)
         teacher.gather = D.zero3_gather
 
-    monitor = Monitor(cfg.monitor, run_dir)
+    monitor = Monitor(cfg.monitor, run_dir if rank == 0 else None)  # rank 0 decides and logs alarms
     step, micro_step, elapsed, healthy_ckpt = 0, 0, 0.0, None
     torch.manual_seed(t.seed * 7919 + rank)  # run-time randomness (objective masks, rotations) per rank
     if ckpt_path is not None:
@@ -295,7 +295,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
             for e in events:
                 _say(bar, f"ALARM [{e.action}] {e.message}")
         stop_events = [e for e in events if e.action in ("stop", "stop_keep_healthy")]
-        if stop_events:
+        if D.broadcast_flag(bool(stop_events), device):  # every rank leaves the loop together
             stopped = True
             _finish_stop(run_dir, stop_events, healthy_ckpt, rank)
             break

@@ -11,7 +11,8 @@ from sslkit.errors import ConfigError, closest
 _ENCODERS: dict[str, Callable] = {}
 _SEGMENTERS: dict[str, Callable] = {}
 # Modules imported lazily on first lookup so that `import sslkit` stays light.
-_MODULES = ("sslkit.models.swin_unetr", "sslkit.models.qt_unet", "sslkit.models.punet", "sslkit.models.sam")
+_MODULES = ("sslkit.models.swin_unetr", "sslkit.models.qt_unet", "sslkit.models.punet", "sslkit.models.sam",
+            "sslkit.models.vit")
 
 
 def register_encoder(name: str):

@@ -77,13 +77,15 @@ class SimCLR(Objective):
     z_v = head(pool(encoder(view_v)[-1])), head = Linear(C, hidden) -> norm -> ReLU -> Linear(hidden, out);
     loss = NTXent_t(z_1, z_2) with negatives from all ranks.
     Options: temperature (0.5, Swin-UNETR), hidden_dim (512), out_dim (128), head_norm (batch | sync | layer |
-    none; default layer: 3D micro-batches are 1-2 crops), gather_distributed (True), view ("plain": the batch's
+    none; default batch, as SimCLR: it removes the feature component shared by the batch - with 'layer' the
+    tiny-encoder tests stalled at loss log(2N-1), all projections alike; 'batch' needs >= 2 crops per
+    micro-batch), gather_distributed (True), view ("plain": the batch's
     view1/view2; "rot_cutout": the Swin-UNETR view shared with rotation and inpainting; also "rot", "cutout"),
     keys (the two batch keys).
     """
 
     def __init__(self, encoder: nn.Module, temperature: float = 0.5, hidden_dim: int = 512, out_dim: int = 128,
-                 head_norm: str = "layer", gather_distributed: bool = True, view: str = "plain",
+                 head_norm: str = "batch", gather_distributed: bool = True, view: str = "plain",
                  keys: list[str] = ("view1", "view2")):
         super().__init__()
         self.spec = CorruptionSpec.from_view_name(view, keys=tuple(keys))
