@@ -252,7 +252,7 @@ class CPA(Objective):
         if self.image_key not in batch:
             raise KeyError(f"cpa: the batch has no '{self.image_key}' key (keys: {sorted(batch)})")
         image = batch[self.image_key]
-        views = self.make_views(image.detach().float().cpu())
+        views = self.make_views(image.detach().float())  # crops and resampling on the image's device
         dev = image.device
         t = views["teacher"]
         teacher = self.teacher["encoder"]
