@@ -144,10 +144,12 @@ def _add_downstream(sub) -> None:
     p.set_defaults(func=cmd_finetune)
     e = sub.add_parser("evaluate", help="per-case, per-class Dice / HD95 / surface distance of a run")
     e.add_argument("run_dir")
+    e.add_argument("--ckpt", default=None, help="checkpoint to evaluate (default: the run's best)")
+    e.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N validation cases")
     e.set_defaults(func=cmd_evaluate)
     c = sub.add_parser("compare", help="several evaluated runs side by side")
     c.add_argument("run_dirs", nargs="+")
-    c.add_argument("--out", default=None, help="Markdown file to write (default: print)")
+    c.add_argument("--out", default=None, help="Markdown file to write (default comparison.md)")
     c.set_defaults(func=cmd_compare)
     r = sub.add_parser("predict", help="label maps for new scans in their original geometry")
     r.add_argument("--ckpt", required=True)
@@ -157,27 +159,38 @@ def _add_downstream(sub) -> None:
 
 
 def cmd_finetune(a) -> int:
-    from sslkit.downstream import cli_finetune
+    from sslkit.downstream.config import load_downstream_config
+    from sslkit.downstream.train import finetune
 
-    return cli_finetune(a.cfg, a.overrides, a.run_dir, a.encoder, a.resume)
+    cfg = load_downstream_config(a.cfg, a.overrides)
+    run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / Path(a.cfg).stem
+    out = finetune(cfg, run_dir, encoder_path=a.encoder, resume=a.resume)
+    print(f"best mean Dice {out['best_dice']:.4f} at step {out['best_step']}, run directory {out['run_dir']}")
+    return 0
 
 
 def cmd_evaluate(a) -> int:
-    from sslkit.downstream import cli_evaluate
+    from sslkit.downstream.evaluate import evaluate
 
-    return cli_evaluate(a.run_dir)
+    res = evaluate(Path(a.run_dir), ckpt=a.ckpt, max_cases=a.max_cases)
+    print(f"mean Dice {res.get('mean_dice', float('nan')):.4f}; reports in {Path(a.run_dir) / 'eval'}")
+    return 0
 
 
 def cmd_compare(a) -> int:
-    from sslkit.downstream import cli_compare
+    from sslkit.downstream.evaluate import compare
 
-    return cli_compare(a.run_dirs, a.out)
+    out = compare([Path(r) for r in a.run_dirs], Path(a.out) if a.out else Path("comparison.md"))
+    print(Path(out).read_text())
+    return 0
 
 
 def cmd_predict(a) -> int:
-    from sslkit.downstream import cli_predict
+    from sslkit.downstream.predict import predict
 
-    return cli_predict(a.ckpt, a.input, a.output)
+    for path in predict(a.ckpt, a.input, a.output):
+        print(path)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

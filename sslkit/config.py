@@ -250,8 +250,8 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML recipe (or start from defaults with path=None), apply `--set` overrides, validate."""
+def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The raw mapping of a YAML recipe (empty for path=None) with `--set` overrides applied, not yet checked."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -267,8 +267,14 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             raise ConfigError(f"{p}: a recipe must be a YAML mapping")
     for o in overrides:
         apply_override(raw, o)
-    return config_from_dict(raw)
+    return raw
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a pretraining recipe (or start from defaults with path=None), apply `--set` overrides, validate."""
+    return config_from_dict(read_recipe(path, overrides))
+
+
+def save_config(cfg, path: str | Path) -> None:
+    """Write a resolved config (any schema with `to_dict`) as YAML."""
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

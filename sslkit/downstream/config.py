@@ -12,9 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from sslkit.config import _build, apply_override
+from sslkit.config import _build, read_recipe, save_config
 from sslkit.errors import ConfigError
 
 
@@ -148,22 +146,8 @@ def downstream_config_from_dict(raw: dict) -> DownstreamConfig:
 
 def load_downstream_config(path: str | Path | None, overrides: list[str] = ()) -> DownstreamConfig:
     """Read a downstream YAML recipe (or defaults with path=None), apply `--set` overrides, validate."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            raise ConfigError(f"{p}: not valid YAML" + (f" (line {line + 1})" if line is not None else "")) from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: a recipe must be a YAML mapping")
-    for o in overrides:
-        apply_override(raw, o)
-    return downstream_config_from_dict(raw)
+    return downstream_config_from_dict(read_recipe(path, overrides))
 
 
 def save_downstream_config(cfg: DownstreamConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    save_config(cfg, path)

@@ -49,7 +49,7 @@ from timm.layers import trunc_normal_
 
 from sslkit.models.base import Encoder
 from sslkit.models.registry import register_encoder, register_segmenter
-from sslkit.models.window_attention import shifted_window_attention, to_tuple
+from sslkit.models.window_attention import init_transformer_weights, shifted_window_attention, to_tuple
 
 DEFAULT_CHANNELS = (32, 64, 128, 256, 384)
 
@@ -343,7 +343,7 @@ class PUNet(Encoder):
                  for _ in range(num_classes)])
         else:
             self.seg_head = _conv(spatial_dims)(channels[0], num_classes, 1)
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     # -------------------------------------------------------------------------------- helpers
     def class_tensor(self, classes, batch: int, device) -> torch.Tensor:
@@ -433,16 +433,6 @@ def prompt_parameters(model: nn.Module, class_index: int) -> list[nn.Parameter]:
         params += [attn.prompts[class_index], attn.prompt_bias[class_index]]
     params.append(net.seg_prompts[class_index])
     return params
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # ------------------------------------------------------------------------------------------------ builders

@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
 from torch import nn
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp
 
 from sslkit.models.base import Encoder
 from sslkit.models.registry import register_encoder, register_segmenter
-from sslkit.models.window_attention import WindowAttention, shifted_window_attention, to_tuple
+from sslkit.models.window_attention import (WindowAttention, init_transformer_weights, shifted_window_attention,
+                                            to_tuple)
 
 VARIANTS = {"tiny": 48, "small": 72, "base": 96}
 
@@ -55,16 +56,6 @@ def _conv(spatial_dims: int):
 def _linspace(end: float, n: int) -> list[float]:
     """Drop-path rates rising linearly from 0 to `end` over n blocks (plain floats: works under meta device)."""
     return [end * i / (n - 1) if n > 1 else 0.0 for i in range(n)]
-
-
-def _init_weights(m: nn.Module) -> None:
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 # --------------------------------------------------------------------------------------------------- blocks
@@ -302,7 +293,7 @@ class QTUNetEncoder(Encoder):
                 dpr[sum(depths[:i]):sum(depths[:i + 1])], self.merge_factors if i < n - 1 else None,
                 mlp_ratio, qkv_bias, use_checkpoint))
         self.norm = nn.LayerNorm(self.feature_channels[-1])
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def pad(self, x: torch.Tensor) -> torch.Tensor:
         """Zero-pad (B, C, *S) at the end of each axis to a multiple of the model stride."""
@@ -363,7 +354,7 @@ class QTUNetDecoder(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.final_expand = PatchExpanding(embed_dim, (patch_size,) * spatial_dims, out_dim=embed_dim)
         self.head = _conv(spatial_dims)(embed_dim, out_channels, kernel_size=1, bias=False)
-        self.apply(_init_weights)
+        self.apply(init_transformer_weights)
 
     def forward(self, bottleneck: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         x = self.expand_bottleneck(bottleneck)  # (B, *G/8, 8C) -> (B, *G/4, 4C)

@@ -290,3 +290,14 @@ def shifted_window_attention(attn: WindowAttention, x: torch.Tensor, window: Seq
     out = attn(to_windows(x), to_windows(context) if context is not None else None, window, mask)
     out = out.view(b, -1, c).index_select(1, inv)  # (B * nW, N, C) -> (B, L, C)
     return out.view(b, *spatial, c)
+
+
+def init_transformer_weights(m: nn.Module) -> None:
+    """Swin / ViT initialisation: truncated-normal Linear weights (std 0.02), zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
