@@ -10,6 +10,7 @@ APT_PKGS := invesalius-examples mricron-data chromium libaio-dev
 TORCH   := torch==2.14.1 torchvision==0.29.1
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/sslkit/torch_extensions
 export PYTHONUNBUFFERED := 1
+export PYTHONUTF8 := 1
 
 .PHONY: demo test setup system-packages clean
 

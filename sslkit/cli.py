@@ -181,7 +181,7 @@ def cmd_compare(a) -> int:
     from sslkit.downstream.evaluate import compare
 
     out = compare([Path(r) for r in a.run_dirs], Path(a.out) if a.out else Path("comparison.md"))
-    print(Path(out).read_text())
+    print(Path(out).read_text(encoding="utf-8"))
     return 0
 
 

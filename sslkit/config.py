@@ -258,7 +258,7 @@ def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict:
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             line = getattr(getattr(e, "problem_mark", None), "line", None)
             where = f" (line {line + 1})" if line is not None else ""
@@ -277,4 +277,4 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 def save_config(cfg, path: str | Path) -> None:
     """Write a resolved config (any schema with `to_dict`) as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")

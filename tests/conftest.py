@@ -56,7 +56,7 @@ def tiny_raw(demo_dir: Path, cache: Path, **sections) -> dict:
 
 
 def write_cfg(raw: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
 
 
@@ -68,7 +68,7 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, env: dict
     e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         e.pop(v, None)  # each CLI process is its own single-process job
-    return subprocess.run(sslkit_cmd(*args), capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(sslkit_cmd(*args), capture_output=True, encoding="utf-8", errors="replace", timeout=timeout,
                           cwd=cwd or REPO, env=e)
 
 

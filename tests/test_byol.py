@@ -84,7 +84,7 @@ def accum_runs(demo_dir, scan_cache, tmp_path_factory):
 
 def test_teacher_updated_once_per_optimizer_step(accum_runs):
     runs, _ = accum_runs
-    lines = [json.loads(x) for x in (runs["accum"].run_dir / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (runs["accum"].run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
     assert [m["micro_step"] for m in lines] == [2, 4, 6, 8]  # N = 8 micro-batches, k = 2
     assert [m["ema_updates"] for m in lines] == [1, 2, 3, 4]  # N / k updates, not N
@@ -132,9 +132,9 @@ def test_run_directory_contents(accum_runs):
     d = runs["plain"].run_dir
     assert (d / "config.yaml").is_file() and (d / "encoder.safetensors").is_file()
     assert list((d / "tb").glob("events.out.tfevents.*"))
-    m = json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])
+    m = json.loads((d / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
     for key in ("step", "micro_step", "epoch", "lr", "loss", "loss/byol", "ema_tau", "ema_updates",
-                "samples_per_s", "time", "monitor/embedding_std", "update_to_weight"):
+                "samples_per_s", "time", "monitor/embedding_std", "update_to_weight", "grad_norm"):
         assert key in m, key
     assert math.isfinite(m["loss"]) and m["samples_per_s"] > 0
     ckpts = sorted(p.name for p in (d / "checkpoints").iterdir())
@@ -162,7 +162,7 @@ def test_exported_encoder_loads_into_monai_swin_unetr(accum_runs):
 
 def test_byol_loss_falls_on_real_scans(accum_runs):
     runs, _ = accum_runs
-    losses = [json.loads(x)["loss"] for x in (runs["plain"].run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [json.loads(x)["loss"] for x in (runs["plain"].run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert losses[-1] < losses[0]
 
 

@@ -21,7 +21,7 @@ def _raw(demo_dir, scan_cache, byol: dict, lr: float) -> dict:
 
 
 def _metrics(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +39,14 @@ def collapse_and_healthy(demo_dir, scan_cache, tmp_path_factory):
 def test_collapsing_run_stops_and_keeps_last_healthy_checkpoint(collapse_and_healthy):
     run_dir, res = collapse_and_healthy["collapse"]
     assert res.returncode == 3, res.stderr[-2000:]  # stopped by an alarm
-    alarms = [json.loads(x) for x in (run_dir / "alarms.jsonl").read_text().splitlines()]
+    alarms = [json.loads(x) for x in (run_dir / "alarms.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(alarms) == 1 and alarms[0]["action"] == "stop_keep_healthy"
     fired, since = alarms[0]["step"], alarms[0]["since_step"]
     assert fired <= 9 and fired == since + ALARM["patience"] - 1
     m = _metrics(run_dir)
     assert m[-1]["step"] == fired  # the run ended at the alarm
     assert m[-1]["monitor/embedding_std"] < 0.1 and m[-1]["monitor/mean_cosine"] > 0.9
-    healthy = (run_dir / "checkpoints" / "last_healthy").read_text().strip()
+    healthy = (run_dir / "checkpoints" / "last_healthy").read_text(encoding="utf-8").strip()
     assert healthy == f"step_{since - 1:08d}"  # the checkpoint just before the streak began
     assert (run_dir / "checkpoints" / healthy / "HEALTHY").is_file()
     assert m[since - 2]["monitor/embedding_std"] >= 0.1  # it really was healthy then
@@ -57,7 +57,7 @@ def test_collapsing_run_stops_and_keeps_last_healthy_checkpoint(collapse_and_hea
 def test_healthy_run_raises_no_alarm(collapse_and_healthy):
     run_dir, res = collapse_and_healthy["healthy"]
     assert res.returncode == 0, res.stderr[-2000:]
-    assert (run_dir / "alarms.jsonl").read_text() == ""
+    assert (run_dir / "alarms.jsonl").read_text(encoding="utf-8") == ""
     m = _metrics(run_dir)
     assert len(m) == 10 and min(x["monitor/embedding_std"] for x in m) >= 0.1
 

@@ -10,7 +10,7 @@ from sslkit.errors import ConfigError
 
 def test_defaults_and_overrides(tmp_path):
     p = tmp_path / "r.yaml"
-    p.write_text("train: {max_steps: 5}\nobjectives: [{name: byol, weight: 1}]\n")
+    p.write_text("train: {max_steps: 5}\nobjectives: [{name: byol, weight: 1}]\n", encoding="utf-8")
     cfg = load_config(p, ["train.grad_accum_steps=4", "optim.lr=4e-4", "data.roi=[48, 48, 48]",
                           "objectives.0.weight=0.5", "model.args.feature_size=24"])
     assert cfg.train.max_steps == 5 and cfg.train.grad_accum_steps == 4
@@ -42,7 +42,7 @@ def test_bad_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train: [unclosed\n")
+    bad.write_text("train: [unclosed\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
 
@@ -66,3 +66,22 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == cfg
+
+
+def _recipes():
+    from pathlib import Path
+
+    return sorted((Path(__file__).resolve().parents[1] / "pretrain_configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", _recipes(), ids=lambda p: p.stem)
+def test_every_recipe_loads_and_demo_recipes_build(recipe):
+    """Every recipe passes the schema; the CPU demo twins also build their encoder and objectives."""
+    cfg = load_config(recipe)
+    assert cfg.monitor.enabled and cfg.objectives
+    if recipe.stem.startswith("demo_"):
+        from sslkit.engine.trainer import build_model
+
+        model = build_model(cfg)
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+        assert len(model.objectives.objectives) == len(cfg.objectives)

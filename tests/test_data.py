@@ -184,7 +184,7 @@ def test_datalist_roundtrip_and_errors(tmp_path, small_ct):
     sitk.WriteImage(small_ct, str(img))
     dl = write_datalist([{"image": str(img), "label": str(img)}], tmp_path / "lists" / "dl.json",
                         base_dir=tmp_path / "lists")
-    raw = json.loads(dl.read_text())
+    raw = json.loads(dl.read_text(encoding="utf-8"))
     assert raw["training"][0]["image"] == "../imgs/a.nii.gz"          # relative on disk
     items = load_datalist(dl, validate=True)
     assert items == [{"image": str(img.resolve()), "label": str(img.resolve())}]
@@ -212,7 +212,7 @@ def test_index_folder_finds_files_and_dicom_series(tmp_path, small_ct):
     sitk.WriteImage(small_ct, str(root / "sub" / "c.mha"))
     sitk.WriteImage(small_ct, str(root / "a_label.nii.gz"))            # label-looking: left out
     sitk.WriteImage(small_ct, str(root / "labelsTr" / "a.nii.gz"))
-    (root / "notes.txt").write_text("not a scan")
+    (root / "notes.txt").write_text("not a scan", encoding="utf-8")
     _write_dicom_series(small_ct, root / "dicom" / "series1")
     found = [Path(e["image"]).relative_to(root.resolve()).as_posix() for e in index_folder(root)]
     assert found == ["a.nii.gz", "dicom/series1", "sub/b.nrrd", "sub/c.mha"]
@@ -240,7 +240,7 @@ def prepared(tmp_path_factory, demo_items):
 def test_prepare_skips_bad_scans_and_caches(prepared):
     ds, items, tmp = prepared
     assert ds.n_preprocessed == 2 and len(ds.volumes) == 2 and len(ds) == 2 * 2
-    skipped = [json.loads(ln) for ln in (tmp / "skipped.jsonl").read_text().splitlines()]
+    skipped = [json.loads(ln) for ln in (tmp / "skipped.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [s["path"] for s in skipped] == [items[2]["image"], items[3]["image"]]
     assert "NaN" in skipped[1]["error"] and items[3]["image"] in skipped[1]["error"]
 
@@ -251,7 +251,7 @@ def test_prepare_skips_bad_scans_and_caches(prepared):
     again.prepare(progress=False)
     assert again.n_preprocessed == 0 and len(again) == len(ds)
     assert [p.stat().st_mtime_ns for p in npys] == mtimes
-    assert len((tmp / "skipped.jsonl").read_text().splitlines()) == 2  # logged once per path
+    assert len((tmp / "skipped.jsonl").read_text(encoding="utf-8").splitlines()) == 2  # logged once per path
     # a different preprocessing setting is a different cache entry
     other = PretrainDataset(items[:1], _cfg(spacing=[4.0, 4.0, 4.0]), tmp / "cache", seed=3)
     assert other.prepare(progress=False).n_preprocessed == 1
@@ -298,7 +298,7 @@ def test_corrupt_cache_substituted_and_logged(prepared, tmp_path):
     first = ds2[(0, 0)]
     assert first["image"].shape == (1, 32, 32, 32)
     assert torch.equal(first["image"], ds2[(0, 0)]["image"])
-    lines = log.read_text().splitlines()
+    lines = log.read_text(encoding="utf-8").splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["path"] == items[0]["image"]
 
 

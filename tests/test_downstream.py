@@ -215,7 +215,7 @@ def test_finetune_demo_reaches_dice_then_evaluate_compare_resume(tmp_path):
     run = tmp_path / "demo"
     out = finetune(cfg, run, progress=False)
     assert out["best_dice"] > 0.6, out  # held-out mean Dice (GM, WM) after 60 steps; measured 0.70
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 61))
     assert (run / "checkpoints" / "best.pt").is_file() and (run / "config.yaml").is_file()
 
@@ -223,9 +223,9 @@ def test_finetune_demo_reaches_dice_then_evaluate_compare_resume(tmp_path):
     assert summary["mean_dice"] == pytest.approx(out["best_dice"], abs=1e-6)
     for f in ("metrics.json", "per_case.csv", "report.md"):
         assert (run / "eval" / f).is_file()
-    assert "grey_matter" in (run / "eval" / "report.md").read_text()
+    assert "grey_matter" in (run / "eval" / "report.md").read_text(encoding="utf-8")
     md = compare([run, run], tmp_path / "cmp.md")
-    assert "white_matter" in md.read_text() and md.with_suffix(".csv").is_file()
+    assert "white_matter" in md.read_text(encoding="utf-8") and md.with_suffix(".csv").is_file()
 
     # resume="auto" refuses a different config, and a finished run has nothing left to do
     cfg2 = load_downstream_config(DEMO_2D, over[1:] + ["train.max_steps=64"])

@@ -51,13 +51,13 @@ def test_two_processes_zero_match_one_process(stage, reference_run, demo_dir, sc
     cfg = write_cfg(raw, tmp_path / "z.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "sslkit", "pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=_env())
+    res = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO, env=_env())
     assert res.returncode == 0, res.stderr[-3000:]
     s2, t2 = ckpt_tensors(tmp_path / "run", 4)
     s1, t1 = ckpt_tensors(ref_dir, 4)
     assert max_abs_diff(s1, s2) < 1e-5
     assert max_abs_diff(t1, t2) < 1e-5
-    m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    m = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [x["ema_updates"] for x in m] == [1, 2, 3, 4]
     assert (tmp_path / "run" / "encoder.safetensors").is_file()
 
@@ -86,10 +86,10 @@ def test_sigkill_then_resume_equals_uninterrupted(reference_run, tmp_path):
     s_res, t_res = ckpt_tensors(run_dir, 4)
     assert max_abs_diff(s_ref, s_res) == 0.0
     assert max_abs_diff(t_ref, t_res) == 0.0
-    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert steps == [1, 2, 3, 4]  # lines past the checkpoint were replaced, not duplicated
-    ref_loss = [json.loads(x)["loss"] for x in (ref_dir / "metrics.jsonl").read_text().splitlines()]
-    res_loss = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ref_loss = [json.loads(x)["loss"] for x in (ref_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    res_loss = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert res_loss == ref_loss
 
 
@@ -144,17 +144,17 @@ def test_bad_scans_are_skipped_and_recorded(demo_dir, scan_cache, tmp_path):
                {"image": str(demo_dir / "mri_colin27_t1.nii.gz"), "modality": "mri"}]
     entries += [{"image": str(bad / n)} for n in ("corrupt.nii.gz", "truncated.nii.gz", "flat.nii.gz",
                                                    "nan.nii.gz", "missing.nii.gz")]
-    (tmp_path / "list.json").write_text(json.dumps({"training": entries}))
+    (tmp_path / "list.json").write_text(json.dumps({"training": entries}), encoding="utf-8")
     raw = tiny_raw(demo_dir, scan_cache, train={"max_steps": 2, "ckpt_every": 0},
                    data={"datalist": str(tmp_path / "list.json")})
     cfg = write_cfg(raw, tmp_path / "c.yaml")
     res = run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
-    skipped = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text().splitlines()]
+    skipped = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text(encoding="utf-8").splitlines()]
     names = {Path(s["path"]).name for s in skipped}
     assert names == {"corrupt.nii.gz", "truncated.nii.gz", "flat.nii.gz", "nan.nii.gz", "missing.nii.gz"}
     assert all(s["error"] for s in skipped)
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()) == 2
 
 
 @pytest.mark.parametrize("command", [[], ["pretrain"], ["export"], ["data"], ["data", "demo"], ["data", "index"],
@@ -172,5 +172,5 @@ def test_info_and_data_index(demo_dir, tmp_path):
     assert res.returncode == 0 and "deepspeed" in res.stdout and "torch" in res.stdout
     res = run_cli("data", "index", str(demo_dir), "--out", str(tmp_path / "dl.json"))
     assert res.returncode == 0, res.stderr
-    found = json.loads((tmp_path / "dl.json").read_text())["training"]
+    found = json.loads((tmp_path / "dl.json").read_text(encoding="utf-8"))["training"]
     assert any(e["image"].endswith("ct_head.nii.gz") for e in found)

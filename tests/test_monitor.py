@@ -82,7 +82,7 @@ def _mon(tmp_path, alarms, bank_size=32, **kw) -> Monitor:
 
 
 def _alarm_lines(run_dir: Path) -> list[dict]:
-    text = (run_dir / "alarms.jsonl").read_text()
+    text = (run_dir / "alarms.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -241,7 +241,7 @@ def make_run(run_dir: Path, steps: int = STEPS, collapse_from: int | None = 25, 
     centre = torch.randn(1, 32, generator=g)
     probe_net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16))
     probe_crops = torch.randn(6, 1, 64, generator=g)
-    with open(run_dir / "metrics.jsonl", "w") as f:
+    with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as f:
         for step in range(1, steps + 1):
             a = 0.0 if collapse_from is None else min(1.0, max(0.0, (step - collapse_from) / 12))
             for _ in range(2):
@@ -274,7 +274,7 @@ def test_run_data_payload_and_tail(tmp_path):
     assert r["alarms"] and r["alarm_rules"][0]["metric"] == "embedding_std"
     assert "swin_unetr" in r["config_name"] and "byol" in r["config_name"]
     # NaN in metrics becomes null (valid JSON for the browser); a half-written line waits
-    with open(run / "metrics.jsonl", "a") as f:
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write(json.dumps({"step": 51, "loss": float("nan")}) + "\n" + '{"step": 52, "lo')
     tail = JsonlTail(run / "metrics.jsonl")
     assert len(tail.read()) == 51
@@ -295,7 +295,7 @@ def run_chromium(target: str, tmp_path: Path, *extra: str) -> str:
     cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
            f"--user-data-dir={profile}", *extra, target]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -320,7 +320,7 @@ def test_dashboard_html_in_chromium(tmp_path):
     _chromium()
     run = make_run(tmp_path / "byol_collapsing")
     page = write_html([run], tmp_path / "report.html")
-    html = page.read_text()
+    html = page.read_text(encoding="utf-8")
     assert "<script src" not in html and "http://" not in html.replace("http://www.w3.org", "")
     dom = run_chromium(page.as_uri(), tmp_path, "--dump-dom")
     pts = chart_points(dom)
@@ -364,7 +364,7 @@ def test_dashboard_served_live_in_chromium(tmp_path):
         assert pts.get("loss/byol") == STEPS and pts.get("monitor/embedding_std") == STEPS
         assert "live_run" in dom
         # the run goes on: new lines show up in the next poll
-        with open(run / "metrics.jsonl", "a") as f:
+        with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": STEPS + 1, "loss": 0.1, "loss/byol": 0.05}) + "\n")
         again = json.load(urllib.request.urlopen(url + "data.json", timeout=10))
         assert again["runs"][0]["n_steps"] == STEPS + 1
@@ -380,7 +380,7 @@ def test_dashboard_main_writes_html_and_names_bad_paths(tmp_path, capsys):
 
     run = make_run(tmp_path / "r", steps=5)
     assert dashboard_main([run], port=0, html_out=tmp_path / "out" / "d.html") == 0
-    html = (tmp_path / "out" / "d.html").read_text()
+    html = (tmp_path / "out" / "d.html").read_text(encoding="utf-8")
     assert '"n_steps":5' in html and "__SSLKIT" not in html          # data embedded, placeholders filled
     assert "wrote" in capsys.readouterr().out
     with pytest.raises(UserError, match="no_such_run"):

@@ -82,7 +82,7 @@ def load_datalist(path_or_folder: str | Path, key: str = "training", validate: b
             raise DataError(f"{p}: folder holds no scans (.nii, .nii.gz, .nrrd, .mha, .mhd or DICOM series)")
         return items
     try:
-        raw = json.loads(p.read_text())
+        raw = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{p}: not valid JSON ({e})") from None
     if isinstance(raw, list):  # a bare list of entries
@@ -128,6 +128,6 @@ def write_datalist(items: list[dict] | dict[str, list[dict]], out_path: str | Pa
             doc[k] = lst
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
+    tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
     os.replace(tmp, out)
     return out

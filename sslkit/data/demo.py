@@ -163,7 +163,7 @@ def _complete(out: Path) -> bool:
     if not dl.is_file():
         return False
     try:
-        doc = json.loads(dl.read_text())
+        doc = json.loads(dl.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return False
     for lst in doc.values():

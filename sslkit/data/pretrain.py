@@ -102,7 +102,7 @@ class PretrainDataset(Dataset):
                         transforms[cfg.modality] = preprocess_transforms(cfg)
                     self._preprocess_one(path, transforms[cfg.modality], npy, meta, params)
                     self.n_preprocessed += 1
-                info = json.loads(meta.read_text())
+                info = json.loads(meta.read_text(encoding="utf-8"))
                 self.volumes.append({"path": path, "npy": str(npy), "shape": info["shape"]})
             except FileNotFoundError:
                 self._record_skip(path, f"{path}: no such file or folder")
@@ -132,7 +132,7 @@ class PretrainDataset(Dataset):
         info = {"path": str(Path(path).resolve()), "shape": list(arr.shape), "params": params,
                 "affine": np.asarray(out.affine).tolist()}
         tmpj = meta.with_name(meta.name + f".{os.getpid()}.tmp")
-        tmpj.write_text(json.dumps(info))
+        tmpj.write_text(json.dumps(info), encoding="utf-8")
         os.replace(tmpj, meta)
 
     def _record_skip(self, path: str, error: str) -> None:
@@ -144,13 +144,13 @@ class PretrainDataset(Dataset):
             return
         self.skipped_log.parent.mkdir(parents=True, exist_ok=True)
         if self.skipped_log.exists():  # another worker may have logged it already
-            for line in self.skipped_log.read_text().splitlines():
+            for line in self.skipped_log.read_text(encoding="utf-8").splitlines():
                 try:
                     if json.loads(line).get("path") == path:
                         return
                 except json.JSONDecodeError:
                     continue
-        with open(self.skipped_log, "a") as f:
+        with open(self.skipped_log, "a", encoding="utf-8") as f:
             f.write(json.dumps({"path": path, "error": error}) + "\n")
 
     # --------------------------------------------------------------------------------------- access

@@ -47,7 +47,7 @@ def _msd_cases(root: Path) -> tuple[list[dict], list[dict] | None]:
     if not js.is_file():
         raise DataError(f"{js}: MSD dataset.json not found")
     try:
-        meta = json.loads(js.read_text())
+        meta = json.loads(js.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{js}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(meta.get("training"), list):
@@ -81,7 +81,7 @@ def _datalist_cases(path: Path) -> tuple[list[dict], list[dict] | None]:
     if not path.is_file():
         raise DataError(f"{path}: datalist JSON not found")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     key = "training" if isinstance(meta.get("training"), list) else "labelled"

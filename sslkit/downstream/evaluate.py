@@ -78,7 +78,7 @@ def write_reports(summary: dict, per_case: list[dict], names: list[str], out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(jsonable({"summary": summary, "class_names": names,
                                                                "per_case": per_case}), indent=2))
-    with open(out_dir / "per_case.csv", "w", newline="") as f:
+    with open(out_dir / "per_case.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["case", "class", "dice", "hd95_mm", "asd_mm"])
         for c in per_case:
@@ -94,7 +94,7 @@ def write_reports(summary: dict, per_case: list[dict], names: list[str], out_dir
               "|---|" + "---|" * len(names)]
     for c in per_case:
         lines.append(f"| {c['case']} | " + " | ".join(_fmt(v) for v in c["dice"]) + " |")
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def _fmt(v) -> str:
@@ -146,7 +146,7 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
         p = Path(r) / "eval" / "metrics.json"
         if not p.is_file():
             raise ConfigError(f"{p}: not found; run `sslkit evaluate {r}` first")
-        runs.append((Path(r).name, json.loads(p.read_text())))
+        runs.append((Path(r).name, json.loads(p.read_text(encoding="utf-8"))))
     out = Path(out)
     md = out if out.suffix == ".md" else out / "compare.md"
     md.parent.mkdir(parents=True, exist_ok=True)
@@ -163,9 +163,9 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
                                                             "asd": s["mean_asd"]}
             row += [_fmt(r[k]) if r else "-" for k in ("dice", "hd95", "asd")]
         rows.append(row)
-    with open(md.with_suffix(".csv"), "w", newline="") as f:
+    with open(md.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([header] + rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    md.write_text("\n".join(lines) + "\n")
+    md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return md

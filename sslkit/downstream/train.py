@@ -126,10 +126,10 @@ def _finetune(cfg, run_dir: Path, encoder_path, resume, progress) -> dict:
         torch.set_rng_state(ck["torch_rng"])
     metrics_path = run_dir / "metrics.jsonl"
     if metrics_path.exists():  # drop rows past the resumed step (a crash after the last checkpoint)
-        keep = [ln for ln in metrics_path.read_text().splitlines()
+        keep = [ln for ln in metrics_path.read_text(encoding="utf-8").splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        metrics_path.write_text("".join(k + "\n" for k in keep) if ck is not None else "")
-    mfile = open(metrics_path, "a")
+        metrics_path.write_text("".join(k + "\n" for k in keep) if ck is not None else "", encoding="utf-8")
+    mfile = open(metrics_path, "a", encoding="utf-8")
 
     def log(row: dict) -> None:
         mfile.write(json.dumps(row) + "\n")
@@ -184,5 +184,5 @@ def _finetune(cfg, run_dir: Path, encoder_path, resume, progress) -> dict:
     mfile.close()
     out = {"best_dice": best_dice if best_step >= 0 else None, "best_step": best_step, "steps": step,
            "last_val_dice": last_val, "encoder": loaded_from, "run_dir": str(run_dir)}
-    (run_dir / "summary.json").write_text(json.dumps(out, indent=2))
+    (run_dir / "summary.json").write_text(json.dumps(out, indent=2), encoding="utf-8")
     return out

@@ -115,15 +115,16 @@ def write_checkpoint(ckpt_root: Path, step: int, engine, student_state: dict, te
     D.barrier()
     engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
     save_tensors(rank_tensors, tmp / f"rank{r}.safetensors")
-    (tmp / f"rank{r}.json").write_text(json.dumps(rank_plain))
+    (tmp / f"rank{r}.json").write_text(json.dumps(rank_plain), encoding="utf-8")
     if r == 0:
         save_tensors(student_state, tmp / "student.safetensors")
-        save_tensors(teacher_state, tmp / "teacher.safetensors") if teacher_state else None
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
+        if teacher_state:
+            save_tensors(teacher_state, tmp / "teacher.safetensors")
+        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
     D.barrier()
     if r == 0:
         _fsync_dir(tmp)
-        (tmp / COMPLETE).write_text(str(step))
+        (tmp / COMPLETE).write_text(str(step), encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _prune(ckpt_root, keep_last, protect | {final.name})
@@ -159,8 +160,8 @@ def read_checkpoint(path: Path, engine) -> dict:
     return {
         "teacher": load_file(str(teacher_file)) if teacher_file.is_file() else {},
         "rank_tensors": load_file(str(path / f"rank{r}.safetensors")),
-        "rank_plain": json.loads((path / f"rank{r}.json").read_text()),
-        "trainer": json.loads((path / "trainer.json").read_text()),
+        "rank_plain": json.loads((path / f"rank{r}.json").read_text(encoding="utf-8")),
+        "trainer": json.loads((path / "trainer.json").read_text(encoding="utf-8")),
     }
 
 

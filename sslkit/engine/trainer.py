@@ -146,7 +146,7 @@ def _update_to_weight(module: nn.Module, before: list[torch.Tensor] | None) -> f
 
 class _JsonlWriter:
     def __init__(self, path: Path):
-        self.f = open(path, "a", buffering=1)
+        self.f = open(path, "a", buffering=1, encoding="utf-8")
 
     def write(self, obj: dict) -> None:
         self.f.write(json.dumps(obj) + "\n")
@@ -159,8 +159,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """After a resume, drop lines of steps beyond the checkpoint (they will be recomputed identically)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
@@ -259,6 +259,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
         out = engine(batch)
         engine.backward(out.loss)
         skipped_before = engine.skipped_steps
+        local_norm = _param_grad_norm(model) if boundary else None  # before step() clips and zeroes them
         engine.step()
         micro_step += 1
         loss_acc += float(out.loss.detach())
@@ -275,7 +276,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
         dt, step_start = now - step_start, now
         elapsed += dt
         extra = {"loss": loss_acc / n_acc, **{k: v / n_acc for k, v in logs_acc.items()},
-                 "lr": sched.get_last_lr()[0], "grad_norm": _grad_norm(engine),
+                 "lr": sched.get_last_lr()[0], "grad_norm": _grad_norm(engine) or local_norm,
                  "update_to_weight": _update_to_weight(model, snapshot)}
         extra = {k: v for k, v in extra.items() if v is not None}
         loss_acc, logs_acc, n_acc = 0.0, {}, 0
@@ -320,6 +321,15 @@ def _grad_norm(engine) -> float | None:
     return None if g is None else float(g)
 
 
+def _param_grad_norm(model: nn.Module) -> float | None:
+    """Pre-clipping L2 norm of the (already averaged) gradients held on the parameters: ZeRO 0/1.
+    None under ZeRO-2/3, whose gradients live in DeepSpeed's partitions."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
 def _split_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
     plain = {k: v for k, v in state.items() if not torch.is_tensor(v)}
@@ -338,8 +348,8 @@ def _finish_stop(run_dir: Path, events, healthy_ckpt: str | None, rank: int) -> 
     keep = any(e.action == "stop_keep_healthy" for e in events)
     msg = "; ".join(e.message for e in events)
     if keep and healthy_ckpt and (run_dir / "checkpoints" / healthy_ckpt).is_dir():
-        (run_dir / "checkpoints" / healthy_ckpt / "HEALTHY").write_text(msg + "\n")
-        (run_dir / "checkpoints" / "last_healthy").write_text(healthy_ckpt + "\n")
+        (run_dir / "checkpoints" / healthy_ckpt / "HEALTHY").write_text(msg + "\n", encoding="utf-8")
+        (run_dir / "checkpoints" / "last_healthy").write_text(healthy_ckpt + "\n", encoding="utf-8")
         msg += f" -- last healthy checkpoint: checkpoints/{healthy_ckpt}"
     elif keep:
         msg += " -- no healthy checkpoint was saved before the alarm"

@@ -116,7 +116,7 @@ def columns_of(records: list[dict]) -> dict[str, list]:
 def config_summary(config_path: Path) -> tuple[str, list[dict]]:
     """(display name, alarm rules) from a run's config.yaml; defaults when missing or unreadable."""
     try:
-        raw = yaml.safe_load(config_path.read_text()) or {}
+        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError):
         raw = {}
     if not isinstance(raw, dict):
