@@ -328,3 +328,38 @@ def test_predict_dicom_series_keeps_series_geometry(tmp_path):
     assert np.allclose(src.GetDirection(), seg.GetDirection(), atol=1e-5)
     truth = sitk.GetArrayFromImage(src) > 500
     assert (sitk.GetArrayFromImage(seg).astype(bool) == truth).mean() > 0.93
+
+
+def test_finetune_resumes_mid_run_exactly(tmp_path, monkeypatch):
+    """A fine-tuning run that dies right after its step-2 checkpoint resumes to the same weights, optimizer
+    state and metrics as an uninterrupted run."""
+    import sslkit.downstream.train as T
+
+    raw = _tiny_cfg(tmp_path, max_steps=4, val_every=2)
+    cfg = downstream_config_from_dict(raw)
+    T.finetune(cfg, tmp_path / "full", progress=False)
+
+    class Crash(Exception):
+        pass
+
+    real_save = T.atomic_save
+
+    def save_then_crash(obj, path):
+        real_save(obj, path)
+        if path.name == "last.pt" and obj.get("step") == 2:
+            raise Crash
+
+    monkeypatch.setattr(T, "atomic_save", save_then_crash)
+    with pytest.raises(Crash):
+        T.finetune(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(T, "atomic_save", real_save)
+    assert read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 2
+    T.finetune(cfg, tmp_path / "cut", resume="auto", progress=False)
+
+    a = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    rows = lambda d: [ln for ln in (d / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()]
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if k not in ("time", "step_time", "samples_per_s")}
+    assert [strip(r) for r in rows(tmp_path / "full")] == [strip(r) for r in rows(tmp_path / "cut")]
