@@ -174,3 +174,11 @@ def test_info_and_data_index(demo_dir, tmp_path):
     assert res.returncode == 0, res.stderr
     found = json.loads((tmp_path / "dl.json").read_text(encoding="utf-8"))["training"]
     assert any(e["image"].endswith("ct_head.nii.gz") for e in found)
+
+
+def test_new_run_refuses_a_run_directory_with_checkpoints(reference_run):
+    ref_dir, cfg = reference_run
+    before = (ref_dir / "metrics.jsonl").read_text(encoding="utf-8")
+    _one_line_error(run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(ref_dir)),
+                    str(ref_dir), "--resume auto")
+    assert (ref_dir / "metrics.jsonl").read_text(encoding="utf-8") == before  # nothing already written is lost

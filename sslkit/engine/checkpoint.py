@@ -161,8 +161,13 @@ def read_checkpoint(path: Path, engine) -> dict:
         "teacher": load_file(str(teacher_file)) if teacher_file.is_file() else {},
         "rank_tensors": load_file(str(path / f"rank{r}.safetensors")),
         "rank_plain": json.loads((path / f"rank{r}.json").read_text(encoding="utf-8")),
-        "trainer": json.loads((path / "trainer.json").read_text(encoding="utf-8")),
+        "trainer": read_trainer_state(path),
     }
+
+
+def read_trainer_state(path: Path) -> dict:
+    """Step counters of a checkpoint (trainer.json)."""
+    return json.loads((path / "trainer.json").read_text(encoding="utf-8"))
 
 
 def load_student_state(path: Path) -> dict[str, torch.Tensor]:

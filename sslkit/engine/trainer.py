@@ -155,16 +155,20 @@ class _JsonlWriter:
         self.f.close()
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """After a resume, drop lines of steps beyond the checkpoint (they will be recomputed identically)."""
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Drop lines of steps beyond `step`: after a resume they are recomputed identically (0: a fresh start)."""
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= step]
     path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     if not resume:
+        if C.latest_checkpoint(run_dir / "checkpoints") is not None:
+            raise ConfigError(f"{run_dir}: already holds a run with checkpoints; continue it with --resume auto "
+                              f"or choose another --run-dir")
         return None
     if resume == "auto":
         return C.latest_checkpoint(run_dir / "checkpoints")
@@ -196,6 +200,10 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
     D.barrier()
 
     ckpt_path = resolve_resume(run_dir, resume)
+    if rank == 0:  # lines of steps the (re)started run will write again
+        start = C.read_trainer_state(ckpt_path)["step"] if ckpt_path is not None else 0
+        for name in ("metrics.jsonl", "alarms.jsonl"):
+            _truncate_jsonl(run_dir / name, start)
     dataset = make_dataset(cfg, run_dir)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg)
@@ -221,7 +229,6 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
         tr = state["trainer"]
         step, micro_step, elapsed, healthy_ckpt = tr["step"], tr["micro_step"], tr["elapsed"], tr.get("healthy")
         if rank == 0:
-            _truncate_metrics(run_dir / "metrics.jsonl", step)
             print(f"resumed from {ckpt_path} at step {step}", flush=True)
 
     sampler = EpochSampler(len(dataset), t.micro_batch_size, t.seed, rank, world, start_micro_step=micro_step)
