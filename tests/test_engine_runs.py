@@ -178,7 +178,7 @@ def test_info_and_data_index(demo_dir, tmp_path):
 
 def test_new_run_refuses_a_run_directory_with_checkpoints(reference_run):
     ref_dir, cfg = reference_run
-    before = (ref_dir / "metrics.jsonl").read_text(encoding="utf-8")
-    _one_line_error(run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(ref_dir)),
+    kept = {n: (ref_dir / n).read_bytes() for n in ("metrics.jsonl", "config.yaml", "encoder.safetensors")}
+    _one_line_error(run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(ref_dir), "--set", "train.seed=9"),
                     str(ref_dir), "--resume auto")
-    assert (ref_dir / "metrics.jsonl").read_text(encoding="utf-8") == before  # nothing already written is lost
+    assert all((ref_dir / n).read_bytes() == b for n, b in kept.items())  # nothing already written is lost

@@ -194,12 +194,11 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
     rank, world = D.rank(), D.world_size()
     if t.threads > 0:
         torch.set_num_threads(t.threads)
+    ckpt_path = resolve_resume(run_dir, resume)  # before anything is written: a refusal changes nothing
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     D.barrier()
-
-    ckpt_path = resolve_resume(run_dir, resume)
     if rank == 0:  # lines of steps the (re)started run will write again
         start = C.read_trainer_state(ckpt_path)["step"] if ckpt_path is not None else 0
         for name in ("metrics.jsonl", "alarms.jsonl"):
