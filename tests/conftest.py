@@ -64,12 +64,17 @@ def sslkit_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "sslkit", *args]
 
 
-def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, env: dict | None = None):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+def job_env(**extra: str) -> dict:
+    """Environment of a child job: one thread per process, no launcher variables from this process."""
+    e = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(v, None)  # each CLI process is its own single-process job
-    return subprocess.run(sslkit_cmd(*args), capture_output=True, encoding="utf-8", errors="replace", timeout=timeout,
-                          cwd=cwd or REPO, env=e)
+        e.pop(v, None)
+    return e
+
+
+def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, env: dict | None = None):
+    return subprocess.run(sslkit_cmd(*args), capture_output=True, encoding="utf-8", errors="replace",
+                          timeout=timeout, cwd=cwd or REPO, env=job_env(**(env or {})))
 
 
 def ckpt_tensors(run_dir: Path, step: int) -> tuple[dict, dict]:

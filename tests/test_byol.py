@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import ckpt_tensors, max_abs_diff, tiny_raw
 from sslkit.config import config_from_dict

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, ckpt_tensors, max_abs_diff, run_cli, sslkit_cmd, tiny_raw, write_cfg
+from conftest import REPO, ckpt_tensors, job_env, max_abs_diff, run_cli, sslkit_cmd, tiny_raw, write_cfg
 
 SGD = {"name": "sgd", "lr": 0.05, "betas": [0.9, 0.999]}
 
@@ -23,13 +22,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(v, None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +43,7 @@ def test_two_processes_zero_match_one_process(stage, reference_run, demo_dir, sc
     cfg = write_cfg(raw, tmp_path / "z.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "sslkit", "pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress"]
-    res = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO, env=_env())
+    res = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO, env=job_env())
     assert res.returncode == 0, res.stderr[-3000:]
     s2, t2 = ckpt_tensors(tmp_path / "run", 4)
     s1, t1 = ckpt_tensors(ref_dir, 4)
@@ -65,7 +57,7 @@ def test_two_processes_zero_match_one_process(stage, reference_run, demo_dir, sc
 def test_sigkill_then_resume_equals_uninterrupted(reference_run, tmp_path):
     ref_dir, cfg = reference_run
     run_dir = tmp_path / "run"
-    env = _env()
+    env = job_env()
     proc = subprocess.Popen(sslkit_cmd("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress",
                                        "--set", "train.ckpt_every=2"),
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -27,6 +27,7 @@ import torch
 from sslkit.downstream.adapt import adapt, build_model, load_encoder_weights, read_checkpoint
 from sslkit.downstream.config import DownstreamConfig, downstream_config_from_dict, save_downstream_config
 from sslkit.downstream.evaluate import plain, resolve_device, validate
+from sslkit.engine.checkpoint import truncate_jsonl
 from sslkit.errors import ConfigError, UserError
 
 
@@ -125,10 +126,7 @@ def _finetune(cfg, run_dir: Path, encoder_path, resume, progress) -> dict:
         loaded_from = ck.get("encoder_path")
         torch.set_rng_state(ck["torch_rng"])
     metrics_path = run_dir / "metrics.jsonl"
-    if metrics_path.exists():  # drop rows past the resumed step (a crash after the last checkpoint)
-        keep = [ln for ln in metrics_path.read_text(encoding="utf-8").splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        metrics_path.write_text("".join(k + "\n" for k in keep) if ck is not None else "", encoding="utf-8")
+    truncate_jsonl(metrics_path, step)  # rows past the resumed step (a crash after the last checkpoint)
     mfile = open(metrics_path, "a", encoding="utf-8")
 
     def log(row: dict) -> None:

@@ -165,6 +165,15 @@ def read_checkpoint(path: Path, engine) -> dict:
     }
 
 
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Drop the lines of a per-step log past `step`: a resumed run writes them again (0: a fresh start)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+
 def read_trainer_state(path: Path) -> dict:
     """Step counters of a checkpoint (trainer.json)."""
     return json.loads((path / "trainer.json").read_text(encoding="utf-8"))

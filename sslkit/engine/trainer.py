@@ -155,15 +155,6 @@ class _JsonlWriter:
         self.f.close()
 
 
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """Drop lines of steps beyond `step`: after a resume they are recomputed identically (0: a fresh start)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-
-
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
     if not resume:
         if C.latest_checkpoint(run_dir / "checkpoints") is not None:
@@ -202,7 +193,7 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
     if rank == 0:  # lines of steps the (re)started run will write again
         start = C.read_trainer_state(ckpt_path)["step"] if ckpt_path is not None else 0
         for name in ("metrics.jsonl", "alarms.jsonl"):
-            _truncate_jsonl(run_dir / name, start)
+            C.truncate_jsonl(run_dir / name, start)
     dataset = make_dataset(cfg, run_dir)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg)

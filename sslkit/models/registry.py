@@ -12,7 +12,7 @@ _ENCODERS: dict[str, Callable] = {}
 _SEGMENTERS: dict[str, Callable] = {}
 # Modules imported lazily on first lookup so that `import sslkit` stays light.
 _MODULES = ("sslkit.models.swin_unetr", "sslkit.models.qt_unet", "sslkit.models.punet", "sslkit.models.sam",
-            "sslkit.models.vit")
+            "sslkit.models.sam_heads", "sslkit.models.vit")
 
 
 def register_encoder(name: str):

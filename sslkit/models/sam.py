@@ -26,7 +26,6 @@ to the space branch (active in `forward_volume`, where the batch holds the slice
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -449,6 +448,3 @@ def sam_vit(spatial_dims: int = 2, in_channels: int = 1, img_size: int = 1024, e
                              embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                              global_attn_indexes=tuple(global_attn_indexes), window_size=window_size,
                              neck_chans=neck_chans)
-
-
-from sslkit.models import sam_heads as _sam_heads  # noqa: E402,F401  registers the 'sam' segmenter
