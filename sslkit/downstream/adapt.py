@@ -83,6 +83,44 @@ def _frozen_encoder(model: nn.Module, cfg, lr: float) -> Adaptation:
     return Adaptation([{"params": rest, "lr": lr, "name": "decoder"}], frozen_modules=[model.encoder])
 
 
+def _options(cfg, mode: str, known: dict) -> dict:
+    """adapt.options merged over a mode's defaults; an unknown key is a one-line ConfigError."""
+    opts = dict(getattr(cfg, "options", {}) or {})
+    for k in opts:
+        if k not in known:
+            from sslkit.errors import closest
+
+            close = closest(k, list(known))
+            hint = f" (did you mean '{close}'?)" if close else f" (known: {', '.join(known) or 'none'})"
+            raise ConfigError(f"adapt.options.{k}: not an option of mode '{mode}'{hint}")
+    return {**known, **opts}
+
+
+@register_mode("prompt")
+def _prompt(model: nn.Module, cfg, lr: float) -> Adaptation:
+    """PUNet prompt tuning (SPECS "Downstream prompt tuning"): only the prompt tokens of `adapt.options.classes`
+    (pool classes; default every output class) in every stage and the final pool, and their content->prompt
+    bias tables, train; AdamW without weight decay. The whole network stays in eval mode, so BatchNorm keeps
+    its pretrained statistics and the frozen backbone is bitwise unchanged."""
+    from sslkit.models.punet import PUNetSegmenter, prompt_parameters
+
+    if not isinstance(model, PUNetSegmenter) or not model.encoder.prompted:
+        raise ConfigError(f"adapt.mode: 'prompt' needs a prompted PUNet (model.name: punet), "
+                          f"got {type(model).__name__}")
+    opts = _options(cfg, "prompt", {"classes": None})
+    classes = model.classes if opts["classes"] is None else [int(c) for c in opts["classes"]]
+    bad = [c for c in classes if not 0 <= c < model.encoder.num_classes]
+    if bad or not classes:
+        raise ConfigError(f"adapt.options.classes: {classes} must be non-empty classes of the prompt pool "
+                          f"0..{model.encoder.num_classes - 1}")
+    model.requires_grad_(False)
+    params = [p for c in classes for p in prompt_parameters(model, c)]
+    for p in params:
+        p.requires_grad_(True)
+    return Adaptation([{"params": params, "lr": lr, "weight_decay": 0.0, "name": "prompts"}],
+                      frozen_modules=[model])
+
+
 # ------------------------------------------------------------------------------------ encoder weights
 
 

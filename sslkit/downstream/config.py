@@ -53,9 +53,11 @@ class DownstreamModelConfig:
 
 @dataclass
 class AdaptConfig:
-    mode: str = "full"                 # full | frozen_encoder (registry in sslkit.downstream.adapt)
+    mode: str = "full"                 # full | frozen_encoder | adapter (SAM) | prompt (PUNet); registry in
+                                       # sslkit.downstream.adapt
     encoder_lr_scale: float = 1.0      # full mode: encoder lr = lr * scale
-    options: dict = field(default_factory=dict)  # room for adapter / prompt-tuning modes
+    options: dict = field(default_factory=dict)  # mode options: prompt {classes}; adapter {ratio, mlp_scale,
+                                                 # depth_branch}
 
 
 @dataclass
@@ -63,8 +65,11 @@ class DownstreamTrainConfig:
     max_steps: int = 0                 # optimizer steps; 0: use max_epochs
     max_epochs: int = 100
     batch_size: int = 1                # volumes per step (each gives samples_per_volume crops)
-    lr: float = 1e-4
+    lr: float = 1e-4                   # peak lr with lr_schedule one_cycle
     weight_decay: float = 1e-5
+    optimizer: str = "adamw"           # adamw | adam
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AutoSAM: [0.5, 0.999]
+    lr_schedule: str = "constant"      # constant | one_cycle (torch OneCycleLR over the run; PUNet prompt tuning)
     val_every: int = 100               # optimizer steps between validations (and checkpoints)
     val_cases: int = 0                 # validate during training on this many evenly spaced cases (0: all)
     seed: int = 0
@@ -79,9 +84,10 @@ class DownstreamTrainConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "dice_ce"
+    name: str = "dice_ce"              # dice_ce | focal (log-softmax focal loss, PUNet's prompt segmentation)
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
+    gamma: float = 4.0                 # focal loss exponent
 
 
 @dataclass
@@ -127,8 +133,14 @@ def _check(cfg: DownstreamConfig) -> None:
         raise ConfigError("train.batch_size and train.val_every must be at least 1")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device: '{t.device}' is not one of auto, cpu, cuda")
-    if cfg.loss.name != "dice_ce":
-        raise ConfigError(f"loss.name: '{cfg.loss.name}' is not one of dice_ce")
+    if cfg.loss.name not in ("dice_ce", "focal"):
+        raise ConfigError(f"loss.name: '{cfg.loss.name}' is not one of dice_ce, focal")
+    if t.optimizer not in ("adamw", "adam"):
+        raise ConfigError(f"train.optimizer: '{t.optimizer}' is not one of adamw, adam")
+    if len(t.betas) != 2 or not all(0.0 <= b < 1.0 for b in t.betas):
+        raise ConfigError(f"train.betas: needs two values in [0, 1), got {t.betas}")
+    if t.lr_schedule not in ("constant", "one_cycle"):
+        raise ConfigError(f"train.lr_schedule: '{t.lr_schedule}' is not one of constant, one_cycle")
     from sslkit.downstream.adapt import mode_names
 
     if cfg.adapt.mode not in mode_names():

@@ -76,9 +76,34 @@ def finetune(cfg: DownstreamConfig, run_dir: str | Path, encoder_path: str | Non
         raise
 
 
+def make_loss(cfg):
+    """(logits (B, K, *S), label (B, 1, *S)) -> scalar: Dice+CE (MONAI) or PUNet's log-softmax focal loss."""
+    if cfg.loss.name == "focal":
+        from sslkit.objectives.prompt_segmentation import focal_loss
+
+        gamma = cfg.loss.gamma
+        return lambda logits, y: focal_loss(torch.log_softmax(logits.float(), 1), y[:, 0].long(), gamma)
+    from monai.losses import DiceCELoss
+
+    return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.loss.lambda_dice, lambda_ce=cfg.loss.lambda_ce)
+
+
+def make_optimizer(param_groups: list[dict], t) -> torch.optim.Optimizer:
+    """AdamW or Adam over the adaptation's groups (a group may carry its own lr / weight_decay)."""
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    return cls(param_groups, lr=t.lr, weight_decay=t.weight_decay, betas=tuple(t.betas))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, t, total: int):
+    """None (constant lr) or a one-cycle schedule peaking at each group's lr, stepped once per optimizer step."""
+    if t.lr_schedule != "one_cycle":
+        return None
+    return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                               total_steps=max(2, total))
+
+
 def _finetune(cfg, run_dir: Path, encoder_path, resume, progress) -> dict:
     from monai.data import DataLoader
-    from monai.losses import DiceCELoss
     from tqdm import tqdm
 
     from sslkit.downstream.data import make_datasets
@@ -108,20 +133,22 @@ def _finetune(cfg, run_dir: Path, encoder_path, resume, progress) -> dict:
         loaded_from = str(load_encoder_weights(model, encoder_path))
     model.to(device)
     adaptation = adapt(model, cfg.adapt, t.lr)
-    opt = torch.optim.AdamW(adaptation.param_groups, lr=t.lr, weight_decay=t.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.loss.lambda_dice,
-                         lambda_ce=cfg.loss.lambda_ce)
+    opt = make_optimizer(adaptation.param_groups, t)
+    loss_fn = make_loss(cfg)
 
     gen = torch.Generator()
     loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers,
                         generator=gen, drop_last=False)
     steps_per_epoch = len(loader)
     total = t.max_steps or t.max_epochs * steps_per_epoch
+    scheduler = make_scheduler(opt, t, total)
 
     step, best_dice, best_step = 0, -math.inf, -1
     if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(ck["scheduler"])
         step, best_dice, best_step = int(ck["step"]), float(ck["best_dice"]), int(ck["best_step"])
         loaded_from = ck.get("encoder_path")
         torch.set_rng_state(ck["torch_rng"])
@@ -138,6 +165,8 @@ def _finetune(cfg, run_dir: Path, encoder_path, resume, progress) -> dict:
                "best_step": best_step, "encoder_path": loaded_from}
         if full:
             obj.update(optimizer=opt.state_dict(), torch_rng=torch.get_rng_state())
+            if scheduler is not None:
+                obj["scheduler"] = scheduler.state_dict()
         atomic_save(obj, run_dir / "checkpoints" / name)
 
     bar = tqdm(total=total, initial=step, desc=f"finetune {cfg.data.task or cfg.data.layout}", unit="step",
@@ -158,11 +187,13 @@ def _finetune(cfg, run_dir: Path, encoder_path, resume, progress) -> dict:
             loss.backward()
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], t.grad_clip)
+            lr_now = opt.param_groups[0]["lr"]
             opt.step()
+            if scheduler is not None:
+                scheduler.step()
             step += 1
             lv = float(loss.detach())
-            log({"step": step, "epoch": epoch, "loss": lv, "lr": opt.param_groups[0]["lr"],
-                 "step_time": time.perf_counter() - t0})
+            log({"step": step, "epoch": epoch, "loss": lv, "lr": lr_now, "step_time": time.perf_counter() - t0})
             bar.update(1)
             bar.set_postfix(loss=f"{lv:.4f}", best_dice=f"{best_dice:.4f}" if best_step >= 0 else "-")
             if step % t.val_every == 0 or step == total:

@@ -405,16 +405,22 @@ class PUNet(Encoder):
 
 
 class PUNetSegmenter(nn.Module):
-    """Segmentation model: `.encoder` is the whole PUNet; forward(x, classes=None) -> scores (B, I, *S), by
-    default for classes 0 .. out_channels - 1 (class 0 = background)."""
+    """Segmentation model: `.encoder` is the whole PUNet; forward(x, classes=None) -> scores (B, I, *S).
+    Output channel i is prompt-pool class `classes[i]` (default 0 .. out_channels - 1; channel 0 = background),
+    so a dataset's label 1 can be a pool class that pretraining never saw (prompt tuning a new class)."""
 
-    def __init__(self, encoder: PUNet, out_channels: int):
+    def __init__(self, encoder: PUNet, out_channels: int, classes: Sequence[int] | None = None):
         super().__init__()
-        if out_channels > encoder.num_classes:
-            raise ValueError(f"out_channels {out_channels} exceeds the prompt pool of {encoder.num_classes} classes")
+        classes = list(range(out_channels)) if classes is None else [int(c) for c in classes]
+        if len(classes) != out_channels:
+            raise ValueError(f"classes {classes} must name one prompt-pool class per output channel "
+                             f"({out_channels})")
+        if len(set(classes)) != len(classes) or min(classes) < 0 or max(classes) >= encoder.num_classes:
+            raise ValueError(f"classes {classes} must be distinct classes of the prompt pool "
+                             f"0..{encoder.num_classes - 1}")
         self.encoder = encoder
         self.out_channels = out_channels
-        self.classes = list(range(out_channels))
+        self.classes = classes
 
     def forward(self, x: torch.Tensor, classes=None) -> torch.Tensor:
         return self.encoder.segment(x, self.classes if classes is None else classes)
@@ -452,8 +458,9 @@ def punet_encoder(spatial_dims: int = 3, in_channels: int = 1, channels: Sequenc
 def punet(spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2,
           channels: Sequence[int] = DEFAULT_CHANNELS, num_heads: int = 8,
           window_size: int | Sequence[int] | None = None, num_classes: int = 10, prompt_tokens: int = 16,
-          bias_dim: int = 32, prompted: bool = True, use_checkpoint: bool = False) -> PUNetSegmenter:
-    """PUNet segmentation model predicting classes 0 .. out_channels - 1 of a pool of `num_classes`."""
+          bias_dim: int = 32, prompted: bool = True, classes: Sequence[int] | None = None,
+          use_checkpoint: bool = False) -> PUNetSegmenter:
+    """PUNet segmentation model: output channel i = pool class classes[i] (default i) of a pool of `num_classes`."""
     enc = punet_encoder(spatial_dims, in_channels, channels, num_heads, window_size, num_classes, prompt_tokens,
                         bias_dim, prompted, use_checkpoint=use_checkpoint)
-    return PUNetSegmenter(enc, out_channels)
+    return PUNetSegmenter(enc, out_channels, classes)
