@@ -12,6 +12,7 @@ normalisation statistics too). New modes (adapters, prompt tuning) register here
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,11 +36,17 @@ class Adaptation:
 
 
 _MODES: dict[str, Callable] = {}
+_PREPARE: dict[str, Callable] = {}  # mode -> fn(model, adapt_cfg) changing the architecture (e.g. adding adapters)
 
 
-def register_mode(name: str):
+def register_mode(name: str, prepare: Callable | None = None):
+    """Register an adaptation mode. `prepare(model, adapt_cfg)`, if given, runs inside build_model, so training,
+    evaluation and prediction build the same architecture (new modules' keys go in `model.encoder.added_keys`,
+    which encoder-weight loading lets be missing)."""
     def wrap(fn):
         _MODES[name] = fn
+        if prepare is not None:
+            _PREPARE[name] = prepare
         return fn
 
     return wrap
@@ -121,6 +128,51 @@ def _prompt(model: nn.Module, cfg, lr: float) -> Adaptation:
                       frozen_modules=[model])
 
 
+def _sam_segmenter(model: nn.Module, mode: str):
+    from sslkit.models.sam_heads import SAMSegmenter
+
+    if not isinstance(model, SAMSegmenter):
+        raise ConfigError(f"adapt.mode: '{mode}' needs a SAM model (model.name: sam), got {type(model).__name__}")
+    return model
+
+
+ADAPTER_OPTIONS = {"ratio": 0.25, "mlp_scale": 0.5, "depth_branch": None}
+
+
+def _add_msa_adapters(model: nn.Module, cfg) -> None:
+    """Medical SAM Adapter modules in every block (unless the model was built with them); depth branch by
+    default for 3D (volume) models."""
+    from sslkit.models.sam import add_adapters
+
+    model = _sam_segmenter(model, "adapter")
+    opts = _options(cfg, "adapter", ADAPTER_OPTIONS)
+    if model.encoder.blocks[0].space_adapter is None:
+        depth = model.spatial_dims == 3 if opts["depth_branch"] is None else bool(opts["depth_branch"])
+        add_adapters(model.encoder, float(opts["mlp_scale"]), float(opts["ratio"]), depth)
+    model.encoder.added_keys = {n for n, _ in model.encoder.named_parameters() if "adapter" in n}
+
+
+@register_mode("adapter", prepare=_add_msa_adapters)
+def _adapter(model: nn.Module, cfg, lr: float) -> Adaptation:
+    """Medical SAM Adapter: in the encoder only the adapters train; the head trains fully."""
+    from sslkit.models.sam import freeze_all_but_adapters
+
+    model = _sam_segmenter(model, "adapter")
+    freeze_all_but_adapters(model.encoder)
+    enc_ids = {id(p) for p in model.encoder.parameters()}
+    head = [p for p in model.parameters() if id(p) not in enc_ids]
+    for p in head:
+        p.requires_grad_(True)
+    adapters = [p for p in model.encoder.parameters() if p.requires_grad]
+    return Adaptation([{"params": head, "lr": lr, "name": "head"}, {"params": adapters, "lr": lr, "name": "adapters"}])
+
+
+def trainable_fraction(model: nn.Module, of: nn.Module | None = None) -> float:
+    """Parameters that require grad in `model` / all parameters of `of` (default: model)."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return n / sum(p.numel() for p in (of or model).parameters())
+
+
 # ------------------------------------------------------------------------------------ encoder weights
 
 
@@ -161,7 +213,8 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> Path:
     p = resolve_encoder_path(path)
     sd = read_state_dict(p)
     own = model.encoder.state_dict()
-    missing = sorted(set(own) - set(sd))
+    added = getattr(model.encoder, "added_keys", set())  # modules an adaptation mode added (e.g. adapters)
+    missing = sorted(set(own) - set(sd) - set(added))
     unexpected = sorted(set(sd) - set(own))
     shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
               if sd[k].shape != own[k].shape]
@@ -175,7 +228,7 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> Path:
             parts.append(f"shape mismatch {len(shapes)}: {_few(shapes, 3)}")
         raise ConfigError(f"{p}: encoder weights do not match model.encoder ({type(model.encoder).__name__}); "
                           + "; ".join(parts))
-    model.encoder.load_state_dict(sd, strict=True)
+    model.encoder.load_state_dict(sd, strict=not added)
     return p
 
 
@@ -186,8 +239,12 @@ def build_model(cfg) -> nn.Module:
     """The segmenter of a DownstreamConfig: in/out channels from data, options from model.args."""
     from sslkit.models.registry import build_segmenter
 
-    return build_segmenter(cfg.model.name, spatial_dims=cfg.model.spatial_dims, in_channels=cfg.data.in_channels,
-                           out_channels=cfg.data.num_classes, **cfg.model.args)
+    in_channels = cfg.data.in_channels * (cfg.data.slice_channels if cfg.data.slices else 1)
+    model = build_segmenter(cfg.model.name, spatial_dims=cfg.model.spatial_dims, in_channels=in_channels,
+                            out_channels=cfg.data.num_classes, **cfg.model.args)
+    if cfg.adapt.mode in _PREPARE:
+        _PREPARE[cfg.adapt.mode](model, cfg.adapt)
+    return model
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -214,6 +271,8 @@ def model_from_checkpoint(path: str | Path):
 
     ck = read_checkpoint(path)
     cfg = downstream_config_from_dict(ck["config"])
-    model = build_model(cfg)
+    build_cfg = copy.deepcopy(cfg)
+    build_cfg.model.args.pop("checkpoint", None)  # the SAM weights file is not needed: the checkpoint has them
+    model = build_model(build_cfg)
     model.load_state_dict(ck["model"], strict=True)
     return model, cfg, ck

@@ -18,7 +18,8 @@ from sslkit.errors import ConfigError
 
 @dataclass
 class DownstreamDataConfig:
-    layout: str = "datalist"           # msd | btcv | datalist | mni_gm_wm (demo built from nilearn's bundled maps)
+    layout: str = "datalist"           # msd | btcv | acdc | datalist | mni_gm_wm (demo from nilearn's bundled maps)
+    demo_source: str = ""              # "mni_gm_wm": first write the MNI152 GM/WM demo under root in this layout
     root: str = ""                     # MSD task folder / BTCV folder (holding RawData/) / datalist JSON / demo dir
     task: str = ""                     # informative name, e.g. Task09_Spleen
     num_classes: int = 2               # including background
@@ -29,7 +30,11 @@ class DownstreamDataConfig:
     val_fraction: float = 0.2          # used when the layout has no fixed validation split
     btcv_val_count: int = 6            # BTCV: the last n cases by id are validation (common 24/6 split)
     spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])  # target voxel size (mm); [] keeps
-    modality: str = "ct"               # ct: clip intensity_range -> [0, 1]; mri: channel-wise non-zero z-score
+    modality: str = "ct"               # ct: clip intensity_range -> [0, 1]; mri: channel-wise z-score
+    mri_norm: str = "nonzero"          # mri z-score over nonzero voxels (MSD practice) | volume (all voxels, AutoSAM)
+    slices: bool = False               # 2D model on 3D scans: train on axial (last-axis) slices of the volumes,
+                                       # predict slice by slice and stack back for 3D metrics; roi is 2D then
+    slice_channels: int = 1            # slices: 3 repeats each slice to 3 channels (SAM's RGB input)
     intensity_range: list[float] = field(default_factory=lambda: [-175.0, 250.0])
     crop_foreground: bool = True
     roi: list[int] = field(default_factory=lambda: [96, 96, 96])
@@ -104,8 +109,16 @@ class DownstreamConfig:
 
 def _check(cfg: DownstreamConfig) -> None:
     d, t = cfg.data, cfg.train
-    if d.layout not in ("msd", "btcv", "datalist", "mni_gm_wm"):
-        raise ConfigError(f"data.layout: '{d.layout}' is not one of msd, btcv, datalist, mni_gm_wm")
+    if d.layout not in ("msd", "btcv", "acdc", "datalist", "mni_gm_wm"):
+        raise ConfigError(f"data.layout: '{d.layout}' is not one of msd, btcv, acdc, datalist, mni_gm_wm")
+    if d.demo_source not in ("", "mni_gm_wm") or (d.demo_source and d.layout != "acdc"):
+        raise ConfigError(f"data.demo_source: '{d.demo_source}' must be empty or 'mni_gm_wm' with layout acdc")
+    if d.mri_norm not in ("nonzero", "volume"):
+        raise ConfigError(f"data.mri_norm: '{d.mri_norm}' is not one of nonzero, volume")
+    if d.slice_channels not in (1, 3):
+        raise ConfigError(f"data.slice_channels: {d.slice_channels} is not 1 or 3")
+    if d.slices and cfg.model.spatial_dims != 2:
+        raise ConfigError("data.slices: needs a 2D model (model.spatial_dims: 2)")
     if d.modality not in ("ct", "mri"):
         raise ConfigError(f"data.modality: '{d.modality}' is not one of ct, mri")
     if d.num_classes < 2:
@@ -115,8 +128,10 @@ def _check(cfg: DownstreamConfig) -> None:
         raise ConfigError(f"model.spatial_dims: {sd} is not 2 or 3")
     if len(d.roi) != sd:
         raise ConfigError(f"data.roi: needs {sd} sizes, got {d.roi}")
-    if d.spacing and len(d.spacing) != sd:
-        raise ConfigError(f"data.spacing: needs {sd} values (or [] to keep the scan's), got {d.spacing}")
+    vd = 3 if d.slices else sd  # dimensions of the scans themselves
+    if d.spacing and len(d.spacing) != vd:
+        raise ConfigError(f"data.spacing: needs {vd} values (or [] to keep the scan's; a value <= 0 keeps that "
+                          f"axis), got {d.spacing}")
     if d.modality == "ct" and len(d.intensity_range) != 2:
         raise ConfigError(f"data.intensity_range: needs [min, max], got {d.intensity_range}")
     if not 0.0 <= d.val_fraction < 1.0:

@@ -7,6 +7,11 @@ Layouts (`data.layout`):
   btcv       `root`/RawData/Training/img/img00XX.nii.gz with label/label00XX.nii.gz. Validation: the last
              `btcv_val_count` (6) cases by id, i.e. 0035-0040 — the same 6 cases as the validation list of
              Swin-UNETR's `dataset_0.json`; the other 24 train (the common 24/6 split).
+  acdc       ACDC cine MRI: `root`/patientXXX/patientXXX_frameYY.nii.gz with patientXXX_frameYY_gt.nii.gz labels
+             (0 background, 1 right ventricle, 2 myocardium, 3 left ventricle), one case per labelled frame
+             (the 4D `_4d.nii.gz` files are ignored). With `root`/training and `root`/testing folders, testing
+             is validation; otherwise a seeded `val_fraction` of the patients (both frames of a patient stay
+             on the same side). `demo_source: mni_gm_wm` writes the MNI152 GM/WM demo in this layout first.
   datalist   a JSON file with `training` (or `labelled`) and optionally `validation` lists of {image, label},
              paths relative to the JSON file. Without `validation`: a seeded `val_fraction` split.
   mni_gm_wm  demo: builds, under `root`, the MNI152 2 mm T1 template split into a left and a right hemisphere
@@ -75,6 +80,52 @@ def _btcv_cases(root: Path, val_count: int) -> tuple[list[dict], list[dict]]:
     cases.sort(key=lambda c: c[0])
     k = min(val_count, len(cases) - 1)
     return [c for _, c in cases[: len(cases) - k]], [c for _, c in cases[len(cases) - k:]]
+
+
+_ACDC_FRAME = re.compile(r"(patient\d+)_frame\d+\.nii(\.gz)?$")
+
+
+def _acdc_patients(folder: Path, need_labels: bool) -> list[dict]:
+    cases = []
+    for pdir in sorted(d for d in folder.iterdir() if d.is_dir() and d.name.startswith("patient")):
+        for img in sorted(pdir.glob("patient*_frame*.nii*")):
+            m = _ACDC_FRAME.match(img.name)
+            if not m:  # _gt labels and anything else
+                continue
+            gt = img.with_name(img.name.replace(".nii", "_gt.nii", 1))
+            if not gt.is_file():
+                if need_labels:
+                    raise DataError(f"{img}: no label file {gt.name}")
+                continue
+            cases.append({"image": str(img), "label": str(gt), "group": m.group(1)})
+    return cases
+
+
+def _acdc_cases(root: Path) -> tuple[list[dict], list[dict] | None]:
+    if not root.is_dir():
+        raise DataError(f"{root}: ACDC folder not found")
+    if (root / "training").is_dir():
+        train = _acdc_patients(root / "training", need_labels=True)
+        val = _acdc_patients(root / "testing", need_labels=False) if (root / "testing").is_dir() else []
+        return train, val or None
+    return _acdc_patients(root, need_labels=True), None
+
+
+def build_mni_acdc(root: str | Path) -> Path:
+    """The MNI GM/WM demo in the ACDC layout: training/patient001 = left hemisphere, testing/patient002 = right
+    (one frame each, labels 1 grey / 2 white matter). Idempotent."""
+    import shutil
+
+    root = Path(root)
+    (train,), (val,) = build_mni_gm_wm(root / "source", 3)
+    for split, pid, case in (("training", "patient001", train), ("testing", "patient002", val)):
+        d = root / split / pid
+        d.mkdir(parents=True, exist_ok=True)
+        for key, suffix in (("image", ""), ("label", "_gt")):
+            dst = d / f"{pid}_frame01{suffix}.nii.gz"
+            if not dst.is_file():
+                shutil.copyfile(case[key], dst)
+    return root
 
 
 def _datalist_cases(path: Path) -> tuple[list[dict], list[dict] | None]:
@@ -151,6 +202,22 @@ def _axial_slices(case: dict, out: Path, offset: int, every: int = 3, lo: int = 
     return cases
 
 
+def _seeded_split(cases: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, val): a seeded `fraction` of the groups (patients; a case without "group" is its own) in val."""
+    groups = sorted({c.get("group", i) for i, c in enumerate(cases)}, key=str)
+    rng = random.Random(seed)
+    rng.shuffle(groups)
+    n_val = max(1, int(round(fraction * len(groups)))) if len(groups) > 1 else 0
+    held = set(groups[:n_val])
+    in_val = [c.get("group", i) in held for i, c in enumerate(cases)]
+    return [c for c, v in zip(cases, in_val) if not v], [c for c, v in zip(cases, in_val) if v]
+
+
+def volume_dims(dcfg) -> int:
+    """Spatial dimensions of the scans (3 when a 2D model reads slices of volumes)."""
+    return 3 if getattr(dcfg, "slices", False) else len(dcfg.roi)
+
+
 def list_cases(dcfg) -> tuple[list[dict], list[dict]]:
     """(train cases, validation cases) per the layout, seeded split and `num_labelled` subset."""
     root = Path(dcfg.root).expanduser()
@@ -161,16 +228,15 @@ def list_cases(dcfg) -> tuple[list[dict], list[dict]]:
     elif dcfg.layout == "btcv":
         train, val = _btcv_cases(root, dcfg.btcv_val_count)
     elif dcfg.layout == "mni_gm_wm":
-        train, val = build_mni_gm_wm(root, len(dcfg.roi))
+        train, val = build_mni_gm_wm(root, volume_dims(dcfg))
+    elif dcfg.layout == "acdc":
+        if dcfg.demo_source == "mni_gm_wm":
+            build_mni_acdc(root)
+        train, val = _acdc_cases(root)
     else:
         train, val = _datalist_cases(root)
     if val is None:
-        rng = random.Random(dcfg.split_seed)
-        order = list(range(len(train)))
-        rng.shuffle(order)
-        n_val = max(1, int(round(dcfg.val_fraction * len(train)))) if len(train) > 1 else 0
-        val = [train[i] for i in sorted(order[:n_val])]
-        train = [train[i] for i in sorted(order[n_val:])]
+        train, val = _seeded_split(train, dcfg.val_fraction, dcfg.split_seed)
     if dcfg.num_labelled:
         if dcfg.num_labelled > len(train):
             raise DataError(f"data.num_labelled: {dcfg.num_labelled} > {len(train)} training cases in {root}")
@@ -213,7 +279,7 @@ def _check_shapes_transform():
 def _load_and_geometry(dcfg, keys=("image", "label")) -> list:
     from monai.transforms import EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd, Spacingd
 
-    sd = len(dcfg.roi)
+    sd = volume_dims(dcfg)
     modes = ["bilinear", "nearest"][: len(keys)]
     t = [LoadImaged(list(keys), image_only=True), EnsureChannelFirstd(list(keys))]
     if "label" in keys:
@@ -232,7 +298,7 @@ def _intensity_and_crop(dcfg, keys=("image", "label")) -> list:
     if dcfg.modality == "ct":
         lo, hi = dcfg.intensity_range
         return [ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)] + crop
-    return crop + [NormalizeIntensityd("image", nonzero=True, channel_wise=True)]
+    return crop + [NormalizeIntensityd("image", nonzero=dcfg.mri_norm == "nonzero", channel_wise=True)]
 
 
 def eval_transforms(dcfg, with_label: bool = True):
@@ -244,6 +310,7 @@ def eval_transforms(dcfg, with_label: bool = True):
 
 
 def train_transforms(dcfg):
+    """Eval pre-processing + random crops by label (pos:neg) + flips / rot90 / intensity jitter."""
     from monai.transforms import (Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, RandScaleIntensityd,
                                   RandShiftIntensityd, SpatialPadd)
 
@@ -270,5 +337,10 @@ def make_datasets(dcfg):
 
     train, val = list_cases(dcfg)
     kw = dict(cache_rate=dcfg.cache_rate, num_workers=0, progress=False)
+    if dcfg.slices:
+        from sslkit.downstream.slices import SliceDataset
+
+        return (SliceDataset(CacheDataset(train, eval_transforms(dcfg), **kw), dcfg),
+                CacheDataset(val, eval_transforms(dcfg), **kw), train, val)
     return (CacheDataset(train, train_transforms(dcfg), **kw), CacheDataset(val, eval_transforms(dcfg), **kw),
             train, val)

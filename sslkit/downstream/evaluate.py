@@ -46,9 +46,14 @@ def plain(x) -> torch.Tensor:
 
 @torch.no_grad()
 def infer_logits(model, image: torch.Tensor, cfg, device) -> torch.Tensor:
-    """(B, C_in, *S) -> (B, num_classes, *S) logits by MONAI sliding-window inference."""
+    """(B, C_in, *S) -> (B, num_classes, *S) logits by MONAI sliding-window inference (slice by slice for a 2D
+    model on volumes, data.slices)."""
     from monai.inferers import sliding_window_inference
 
+    if cfg.data.slices:
+        from sslkit.downstream.slices import infer_by_slices
+
+        return infer_by_slices(model, image, cfg, device)
     t = cfg.train
     return sliding_window_inference(image.to(device), list(cfg.data.roi), t.sw_batch_size, model,
                                     overlap=t.sw_overlap, mode=t.sw_mode)

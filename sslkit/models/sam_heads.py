@@ -258,54 +258,80 @@ def build_sam_head(name: str, num_classes: int, in_channels: int = 256, **kwargs
 
 
 class SAMSegmenter(nn.Module):
-    """SAM encoder + prompt-free head. x (B, C_in, H, W) is resized to the encoder's img_size, encoded, and the
-    head's logits are resized back: -> (B, K, H, W).
-    mode: "frozen" (encoder frozen, AutoSAM setting), "adapter" (MSA adapters train), "finetune" (all train).
-    A frozen encoder is kept in eval mode and run without autograd."""
+    """SAM encoder + prompt-free head -> class logits at the input size.
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, mode: str = "frozen"):
+    2D: x (B, C_in, H, W) is resized to the encoder's img_size, encoded, and the logits resized back: (B, K, H, W).
+    3D (spatial_dims=3, MSA): x (B, C_in, H, W, D) is D slices; the encoder runs them together with the MSA
+    depth branch attending across the slices (`forward_volume`), the head runs per slice: (B, K, H, W, D).
+    mode (initial state; the downstream adaptation mode may change it): "frozen" (AutoSAM), "adapter" (MSA
+    adapters train), "finetune" (all train). Whenever no encoder parameter requires grad, the encoder is kept in
+    eval mode and run without autograd."""
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, mode: str = "frozen", spatial_dims: int = 2):
         super().__init__()
+        from sslkit.errors import ConfigError
         from sslkit.models.sam import freeze_all_but_adapters
 
-        self.encoder, self.head, self.mode = encoder, head, mode
+        if spatial_dims not in (2, 3):
+            raise ConfigError(f"model.spatial_dims: {spatial_dims} is not 2 or 3")
+        self.encoder, self.head, self.spatial_dims = encoder, head, spatial_dims
         if mode == "frozen":
             self.encoder.requires_grad_(False)
         elif mode == "adapter":
             freeze_all_but_adapters(self.encoder)
         elif mode != "finetune":
-            from sslkit.errors import ConfigError
-
             raise ConfigError(f"model.args.mode: '{mode}' is not one of frozen, adapter, finetune")
+
+    def encoder_trains(self) -> bool:
+        return any(p.requires_grad for p in self.encoder.parameters())
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if self.mode == "frozen":
+        if not self.encoder_trains():
             self.encoder.eval()
         return self
 
+    def _encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.spatial_dims == 2:
+            return self.encoder(x)
+        feats = self.encoder.forward_volume(x)  # (B, C_in, D, S, S) -> [(B, C, D, h, w)]
+        return [f.transpose(1, 2).flatten(0, 1) for f in feats]  # -> [(B D, C, h, w)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        s = getattr(self.encoder, "img_size", None)
-        xi = _resize(x, (s, s)) if s else x
-        if self.mode == "frozen":
-            with torch.no_grad():
-                feats = self.encoder(xi)
+        s = self.encoder.img_size
+        if self.spatial_dims == 3:
+            b, depth = x.shape[0], x.shape[-1]
+            size = x.shape[2:4]
+            slices = x.permute(0, 4, 1, 2, 3).flatten(0, 1)  # (B, C, H, W, D) -> (B D, C, H, W)
+            xi = _resize(slices, (s, s)).unflatten(0, (b, depth)).transpose(1, 2)  # (B, C, D, S, S)
         else:
-            feats = self.encoder(xi)
-        return self.head(feats, size=size)
+            size = x.shape[-2:]
+            xi = _resize(x, (s, s))
+        if self.encoder_trains():
+            feats = self._encode(xi)
+        else:
+            with torch.no_grad():
+                feats = self._encode(xi)
+        y = self.head(feats, size=size)  # (B [D], K, H, W)
+        if self.spatial_dims == 3:
+            y = y.unflatten(0, (b, depth)).permute(0, 2, 3, 4, 1)  # -> (B, K, H, W, D)
+        return y
 
 
 @register_segmenter("sam")
 def sam_segmenter(spatial_dims: int = 2, in_channels: int = 1, out_channels: int = 2, encoder: str = "sam_vit_b",
                   head: str = "autosam", mode: str = "frozen", img_size: int = 1024, input_range: str = "unit",
-                  checkpoint: str | None = None, cnn_depth: int = 4, adapter_depth_branch: bool = False,
+                  checkpoint: str | None = None, cnn_depth: int = 4, adapter_depth_branch: bool | None = None,
                   encoder_args: dict | None = None) -> SAMSegmenter:
     """SAM encoder (`encoder`: sam_vit_b / _l / _h / sam_vit, options in encoder_args) + head (autosam | cnn |
-    linear) for out_channels classes (background included)."""
+    linear) for out_channels classes (background included). spatial_dims 3 runs volumes as stacks of slices with
+    the MSA depth branch (on by default in 3D when adapters are present)."""
     from sslkit.models.registry import build_encoder
 
-    enc = build_encoder(encoder, spatial_dims=spatial_dims, in_channels=in_channels, img_size=img_size,
+    depth_branch = spatial_dims == 3 if adapter_depth_branch is None else adapter_depth_branch
+    enc = build_encoder(encoder, spatial_dims=2, in_channels=in_channels, img_size=img_size,
                         input_range=input_range, checkpoint=checkpoint, adapters=mode == "adapter",
-                        adapter_depth_branch=adapter_depth_branch, **(encoder_args or {}))
+                        adapter_depth_branch=depth_branch, **(encoder_args or {}))
     kw = {"depth": cnn_depth} if head == "cnn" else {}
-    return SAMSegmenter(enc, build_sam_head(head, out_channels, enc.feature_channels[-1], **kw), mode)
+    return SAMSegmenter(enc, build_sam_head(head, out_channels, enc.feature_channels[-1], **kw), mode,
+                        spatial_dims)
