@@ -330,12 +330,13 @@ def test_predict_dicom_series_keeps_series_geometry(tmp_path):
     assert (sitk.GetArrayFromImage(seg).astype(bool) == truth).mean() > 0.93
 
 
-def test_finetune_resumes_mid_run_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("schedule", ["constant", "one_cycle"])
+def test_finetune_resumes_mid_run_exactly(tmp_path, monkeypatch, schedule):
     """A fine-tuning run that dies right after its step-2 checkpoint resumes to the same weights, optimizer
-    state and metrics as an uninterrupted run."""
+    state, lr schedule and metrics as an uninterrupted run."""
     import sslkit.downstream.train as T
 
-    raw = _tiny_cfg(tmp_path, max_steps=4, val_every=2)
+    raw = _tiny_cfg(tmp_path, max_steps=4, val_every=2, lr_schedule=schedule)
     cfg = downstream_config_from_dict(raw)
     T.finetune(cfg, tmp_path / "full", progress=False)
 
