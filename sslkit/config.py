@@ -60,6 +60,9 @@ class DataConfig:
     view_intensity_scale: float = 0.1
     view_noise_std: float = 0.05
     view_shift: float = 0.0            # second view's crop moved by up to this fraction of roi per axis
+    # with_labels: entries must carry "label"; label maps are resampled on the image grid (nearest), cached next to
+    # the image and cut with the image crop's window; batches gain "label" (B, 1, *roi) int64, 0 where padded
+    with_labels: bool = False
 
 
 @dataclass
@@ -236,6 +239,10 @@ def _check_values(cfg: Config) -> None:
                           f"{cfg.data.spatial_dims}")
     if cfg.data.modality not in ("ct", "mri", "2d"):
         raise ConfigError(f"data.modality: '{cfg.data.modality}' is not one of ct, mri, 2d")
+    for i, o in enumerate(cfg.objectives):
+        if o["name"] == "prompt_segmentation" and o.get("label_key", "label") == "label" and not cfg.data.with_labels:
+            raise ConfigError(f"objectives[{i}]: prompt_segmentation needs labelled crops; set data.with_labels: true "
+                              f"(and a datalist whose entries carry 'label')")
     for a in cfg.monitor.alarms:
         if a.action not in ("warn", "stop", "stop_keep_healthy"):
             raise ConfigError(f"monitor.alarms: action '{a.action}' is not one of warn, stop, stop_keep_healthy")

@@ -389,7 +389,7 @@ def test_cpa_loss_falls_on_a_real_scan():
 def test_prompt_segmentation_objective():
     torch.manual_seed(0)
     enc = build_encoder("punet", spatial_dims=2, num_classes=4, **TINY)
-    obj = build_objective({"name": "prompt_segmentation", "classes": [0, 1, 3]}, enc)
+    obj = build_objective({"name": "prompt_segmentation", "classes": [0, 1, 3], "unknown": "ignore"}, enc)
     x = torch.randn(2, 1, 32, 32)
     with pytest.raises(ConfigError, match="'label'"):
         obj({"image": x}, enc)
@@ -410,6 +410,31 @@ def test_prompt_segmentation_objective():
     torch.testing.assert_close(focal_loss(lp, t, gamma=0.0), F.nll_loss(lp, t))
     with pytest.raises(ConfigError, match="PUNet"):
         build_objective({"name": "prompt_segmentation"}, build_encoder("swin_unetr", spatial_dims=2, feature_size=12))
+
+
+def test_prompt_segmentation_unknown_classes_are_background():
+    """unknown="background" (the default): a label class outside `classes` is scored as class 0; -100 is ignored."""
+    torch.manual_seed(0)
+    enc = build_encoder("punet", spatial_dims=2, num_classes=4, **TINY)
+    obj = build_objective({"name": "prompt_segmentation", "classes": [1, 0, 3]}, enc)  # class 0 at position 1
+    x = torch.randn(1, 1, 32, 32)
+    label = torch.full((1, 1, 32, 32), 2)   # class 2 is not known
+    label[..., :8, :] = 3
+    label[..., 8:16, :] = 1
+    label[..., 16:20, :] = -100
+    assert obj.targets(torch.tensor([[3, 1, 2, 0, -100]])).tolist() == [[2, 0, 1, 1, -100]]
+    out = obj({"image": x, "label": label}, enc)
+    with torch.no_grad():
+        logp = torch.log_softmax(enc.segment(x, [1, 0, 3]), 1)[0]  # (3, 32, 32)
+    pos = {3: 2, 1: 0, 2: 1}  # unknown 2 -> the position of class 0
+    terms = [-(1 - logp[pos[int(label[0, 0, i, j])], i, j].exp()) ** 4 * logp[pos[int(label[0, 0, i, j])], i, j]
+             for i in range(32) for j in range(32) if int(label[0, 0, i, j]) != -100]
+    assert len(terms) == 32 * 28
+    assert abs(float(out.loss.detach()) - float(torch.stack(terms).mean())) < 1e-5
+    with pytest.raises(ConfigError, match="class 0"):
+        build_objective({"name": "prompt_segmentation", "classes": [1, 2]}, enc)
+    with pytest.raises(ConfigError, match="background, ignore"):
+        build_objective({"name": "prompt_segmentation", "unknown": "drop"}, enc)
 
 
 @pytest.mark.parametrize("name", ["punet_cpa.yaml", "demo_punet_cpa.yaml"])

@@ -14,7 +14,9 @@ Contents of `<out_dir>` (all gzip NIfTI, RAS affines with the true voxel spacing
                           and `ct_dicom_series.nii.gz`, its SimpleITK conversion (listed under "dicom", not in
                           "training": too small to crop).
 - `datalist.json`         decathlon style: "training" (every volume for SSL, each with "modality"),
-                          "labelled" (image/label pairs), "dicom" (the DICOM series folder and its conversion).
+                          "labelled" (image/label pairs; label meanings differ per scan), "labelled_mni_gmwm" (the
+                          MNI152 T1 + grey / white matter pair only: one label meaning, for `data.with_labels`
+                          pretraining), "dicom" (the DICOM series folder and its conversion).
 InVesalius CT and Colin27 are required; the other sources are skipped when absent.
 """
 
@@ -35,6 +37,9 @@ from sslkit.errors import DataError
 INVESALIUS_CT = Path("/usr/share/doc/invesalius-examples/examples/Cranium.inv3")
 COLIN27_DIR = Path("/usr/share/mricron/templates")
 DATALIST_NAME = "datalist.json"
+# Lists of "labelled" entries that share one label meaning (list name -> label file name): a labelled pretraining
+# recipe names one with data.datalist_key.
+LABEL_SUBSETS = {"labelled_mni_gmwm": "mri_mni152_gmwm.nii.gz"}
 
 
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
@@ -174,11 +179,26 @@ def _complete(out: Path) -> bool:
     return True
 
 
+def _label_subsets(labelled: list) -> dict[str, list]:
+    """{list name: the entries of `labelled` whose label file is that list's} (empty when the source is absent)."""
+    return {key: [e for e in labelled if Path(e["label"]).name == name] for key, name in LABEL_SUBSETS.items()}
+
+
+def _add_missing_subsets(out: Path) -> None:
+    """A corpus built before a subset list existed gains it here, without rebuilding the scans."""
+    dl = out / DATALIST_NAME
+    doc = json.loads(dl.read_text(encoding="utf-8"))
+    missing = {k: v for k, v in _label_subsets(doc.get("labelled", [])).items() if k not in doc}
+    if missing:
+        write_datalist({**doc, **missing}, dl, base_dir=out)
+
+
 def build_demo_corpus(out_dir: Path) -> Path:
     """Build (once) the demo corpus in `out_dir` and return its datalist.json path. Idempotent: a complete
-    corpus is left as it is."""
+    corpus is left as it is (it only gains lists added to the builder since, see LABEL_SUBSETS)."""
     out = Path(out_dir).expanduser().resolve()
     if _complete(out):
+        _add_missing_subsets(out)
         return out / DATALIST_NAME
     out.mkdir(parents=True, exist_ok=True)
     training, labelled, dicom = [], [], []
@@ -206,5 +226,5 @@ def build_demo_corpus(out_dir: Path) -> Path:
         dicom.append({"image": str(series[1]), "modality": "ct", "format": "nifti_from_dicom"})
 
     doc = {"name": "sslkit demo corpus", "description": __doc__.split("\n\n")[0],
-           "training": training, "labelled": labelled, "dicom": dicom}
+           "training": training, "labelled": labelled, **_label_subsets(labelled), "dicom": dicom}
     return write_datalist(doc, out / DATALIST_NAME, base_dir=out)

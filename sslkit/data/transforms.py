@@ -5,7 +5,8 @@ load (sslkit readers, validated) -> channel first -> Orientation RAS -> Spacing(
   MRI: ScaleIntensityRangePercentiles(0.5 .. 99.5 -> [0, 1], clip)
 -> CropForeground (voxels > 0).
 Modality "2d" preprocesses the volume the same way (CT window, in-plane spacing) and is used slice-wise
-(axial slices) by the datasets. The output image is (C, X, Y, Z) float32 in [0, 1].
+(axial slices) by the datasets. The output image is (C, X, Y, Z) float32 in [0, 1]. A label map, when given,
+must lie on the image's grid and follows the same geometry (nearest-neighbour), never the intensity steps.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from monai.transforms import (
 
 from sslkit.config import DataConfig
 from sslkit.data.readers import load_scan
+from sslkit.errors import DataError
 
 MRI_PERCENTILES = (0.5, 99.5)
 
@@ -48,6 +50,29 @@ class LoadScand(MapTransform):
             scan = load_scan(d[key], require_3d=self.require_3d)
             meta = {"filename_or_obj": str(scan.path), "spacing": np.asarray(scan.spacing)}
             d[key] = MetaTensor(torch.from_numpy(scan.array), affine=torch.as_tensor(scan.affine), meta=meta)
+        return d
+
+
+class CheckSameGrid(MapTransform):
+    """The label must lie on the image's voxel grid (same shape, affine within `atol`); else DataError naming both
+    files. The label then takes the image's exact affine, so rounding in a label header cannot make the resampled
+    label one voxel larger or smaller than the image."""
+
+    def __init__(self, image_key: str = "image", label_key: str = "label", atol: float = 1e-2):
+        super().__init__([image_key, label_key])
+        self.image_key, self.label_key, self.atol = image_key, label_key, atol
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        img, lab = d[self.image_key], d[self.label_key]
+        fi, fl = img.meta.get("filename_or_obj", "image"), lab.meta.get("filename_or_obj", "label")
+        if tuple(img.shape) != tuple(lab.shape):
+            raise DataError(f"label {fl} has shape {tuple(lab.shape)} but image {fi} has shape {tuple(img.shape)}")
+        if not torch.allclose(img.affine.double(), lab.affine.double(), atol=self.atol):
+            raise DataError(f"label {fl} has another voxel-to-world affine (orientation / spacing / origin) than "
+                            f"image {fi}")
+        meta = {k: v for k, v in lab.meta.items() if k != "affine"}
+        d[self.label_key] = MetaTensor(lab.as_tensor(), affine=img.affine.clone(), meta=meta)
         return d
 
 
@@ -77,11 +102,14 @@ def preprocess_transforms(cfg: DataConfig, label_key: str | None = None) -> Comp
     """The deterministic preprocessing chain for `{"image": path[, label_key: path]}` dictionaries.
 
     Output: image (1, X, Y, Z) float32 MetaTensor in [0, 1] at `cfg.spacing`, RAS, foreground-cropped; the label
-    (if any) goes through the same geometry with nearest-neighbour interpolation."""
+    (if any) must share the image's grid (DataError naming both files otherwise) and goes through the same geometry
+    with nearest-neighbour interpolation (float32 class values; the caller casts)."""
     keys = ["image"] + ([label_key] if label_key else [])
     modes = ["bilinear"] + (["nearest"] if label_key else [])
+    same_grid = [CheckSameGrid("image", label_key)] if label_key else []
     return Compose([
         LoadScand(keys),                                                   # (X, Y, Z)
+        *same_grid,
         EnsureChannelFirstd(keys, channel_dim="no_channel"),               # -> (1, X, Y, Z)
         Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys, pixdim=spacing_for(cfg), mode=modes),
