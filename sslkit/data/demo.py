@@ -16,7 +16,7 @@ Contents of `<out_dir>` (all gzip NIfTI, RAS affines with the true voxel spacing
 - `datalist.json`         decathlon style: "training" (every volume for SSL, each with "modality"),
                           "labelled" (image/label pairs; label meanings differ per scan), "labelled_mni_gmwm" (the
                           MNI152 T1 + grey / white matter pair only: one label meaning, for `data.with_labels`
-                          pretraining), "dicom" (the DICOM series folder and its conversion).
+                          pretraining), "labelled_ct_head" (the head CT + bone / soft tissue pair only), "dicom" (the DICOM series folder and its conversion).
 InVesalius CT and Colin27 are required; the other sources are skipped when absent.
 """
 
@@ -39,7 +39,7 @@ COLIN27_DIR = Path("/usr/share/mricron/templates")
 DATALIST_NAME = "datalist.json"
 # Lists of "labelled" entries that share one label meaning (list name -> label file name): a labelled pretraining
 # recipe names one with data.datalist_key.
-LABEL_SUBSETS = {"labelled_mni_gmwm": "mri_mni152_gmwm.nii.gz"}
+LABEL_SUBSETS = {"labelled_mni_gmwm": "mri_mni152_gmwm.nii.gz", "labelled_ct_head": "ct_head_label.nii.gz"}
 
 
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:

@@ -19,6 +19,7 @@ from sslkit.errors import ConfigError
 @dataclass
 class DownstreamDataConfig:
     layout: str = "datalist"           # msd | btcv | acdc | datalist | mni_gm_wm (demo from nilearn's bundled maps)
+                                       # | demo_ct_head (the demo corpus's head CT, left / right halves)
     demo_source: str = ""              # "mni_gm_wm": first write the MNI152 GM/WM demo under root in this layout
     root: str = ""                     # MSD task folder / BTCV folder (holding RawData/) / datalist JSON / demo dir
     task: str = ""                     # informative name, e.g. Task09_Spleen
@@ -93,6 +94,8 @@ class LossConfig:
     lambda_dice: float = 1.0
     lambda_ce: float = 1.0
     gamma: float = 4.0                 # focal loss exponent
+    temperature: float = 1.0           # focal: log-softmax(scores / temperature); 1 = the reference (PUNet scores
+                                       # lie in [0, 1], so small values sharpen them)
 
 
 @dataclass
@@ -109,8 +112,9 @@ class DownstreamConfig:
 
 def _check(cfg: DownstreamConfig) -> None:
     d, t = cfg.data, cfg.train
-    if d.layout not in ("msd", "btcv", "acdc", "datalist", "mni_gm_wm"):
-        raise ConfigError(f"data.layout: '{d.layout}' is not one of msd, btcv, acdc, datalist, mni_gm_wm")
+    layouts = ("msd", "btcv", "acdc", "datalist", "mni_gm_wm", "demo_ct_head")
+    if d.layout not in layouts:
+        raise ConfigError(f"data.layout: '{d.layout}' is not one of {', '.join(layouts)}")
     if d.demo_source not in ("", "mni_gm_wm") or (d.demo_source and d.layout != "acdc"):
         raise ConfigError(f"data.demo_source: '{d.demo_source}' must be empty or 'mni_gm_wm' with layout acdc")
     if d.mri_norm not in ("nonzero", "volume"):

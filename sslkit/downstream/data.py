@@ -12,6 +12,8 @@ Layouts (`data.layout`):
              (the 4D `_4d.nii.gz` files are ignored). With `root`/training and `root`/testing folders, testing
              is validation; otherwise a seeded `val_fraction` of the patients (both frames of a patient stay
              on the same side). `demo_source: mni_gm_wm` writes the MNI152 GM/WM demo in this layout first.
+  demo_ct_head  demo: `root` is the demo corpus (`sslkit data demo`); its head CT split into a left half (train)
+             and a right half (validation), labels 1 bone / 2 soft tissue (written under `root`/halves/).
   datalist   a JSON file with `training` (or `labelled`) and optionally `validation` lists of {image, label},
              paths relative to the JSON file. Without `validation`: a seeded `val_fraction` split.
   mni_gm_wm  demo: builds, under `root`, the MNI152 2 mm T1 template split into a left and a right hemisphere
@@ -168,17 +170,45 @@ def build_mni_gm_wm(root: str | Path, spatial_dims: int = 3) -> tuple[list[dict]
         aff = t1.affine
         # world x = 0 (midline) -> voxel index
         mid = int(round(np.linalg.solve(aff, [0, 0, 0, 1])[0]))
-        halves = {"left": (slice(0, mid), 0), "right": (slice(mid, img.shape[0]), mid)}
-        for side, (sl, start) in halves.items():
-            a = aff.copy()
-            a[:3, 3] = aff[:3, :3] @ [start, 0, 0] + aff[:3, 3]
-            nib.save(nib.Nifti1Image(img[sl], a), str(files[f"mni_{side}_t1"]))
-            nib.save(nib.Nifti1Image(seg[sl], a), str(files[f"mni_{side}_seg"]))
+        _write_halves(img, seg, aff, mid, {side: (files[f"mni_{side}_t1"], files[f"mni_{side}_seg"])
+                                           for side in ("left", "right")})
     train = [{"image": str(files["mni_left_t1"]), "label": str(files["mni_left_seg"])}]
     val = [{"image": str(files["mni_right_t1"]), "label": str(files["mni_right_seg"])}]
     if spatial_dims == 2:
         return _axial_slices(train[0], root / "slices_left", 0), _axial_slices(val[0], root / "slices_right", 1)
     return train, val
+
+
+def _write_halves(img: np.ndarray, seg: np.ndarray, aff: np.ndarray, mid: int, files: dict) -> None:
+    """Split a volume at voxel x = mid into left / right NIfTI image + label files (affines keep world
+    positions). files: {"left": (image path, label path), "right": (...)}."""
+    import nibabel as nib
+
+    for side, (sl, start) in {"left": (slice(0, mid), 0), "right": (slice(mid, img.shape[0]), mid)}.items():
+        a = aff.copy()
+        a[:3, 3] = aff[:3, :3] @ [start, 0, 0] + aff[:3, 3]
+        nib.save(nib.Nifti1Image(img[sl], a), str(files[side][0]))
+        nib.save(nib.Nifti1Image(seg[sl], a), str(files[side][1]))
+
+
+def build_ct_head_halves(corpus: str | Path) -> tuple[list[dict], list[dict]]:
+    """Demo: the demo corpus's head CT (`sslkit data demo` folder) split into a left half (train) and a right
+    half (validation) under `corpus`/halves/; labels 1 bone, 2 soft tissue. Idempotent."""
+    import nibabel as nib
+
+    corpus = Path(corpus)
+    src_img, src_lab = corpus / "ct_head.nii.gz", corpus / "ct_head_label.nii.gz"
+    if not (src_img.is_file() and src_lab.is_file()):
+        raise DataError(f"{corpus}: no ct_head.nii.gz / ct_head_label.nii.gz (build it with `sslkit data demo`)")
+    out = corpus / "halves"
+    files = {side: (out / f"ct_head_{side}.nii.gz", out / f"ct_head_{side}_label.nii.gz") for side in ("left", "right")}
+    if not all(f.is_file() for pair in files.values() for f in pair):
+        out.mkdir(parents=True, exist_ok=True)
+        img, lab = nib.load(str(src_img)), nib.load(str(src_lab))
+        arr = np.asarray(img.dataobj)
+        _write_halves(arr, np.asarray(lab.dataobj).astype(np.uint8), img.affine, arr.shape[0] // 2, files)
+    return ([{"image": str(files["left"][0]), "label": str(files["left"][1])}],
+            [{"image": str(files["right"][0]), "label": str(files["right"][1])}])
 
 
 def _axial_slices(case: dict, out: Path, offset: int, every: int = 3, lo: int = 18, hi: int = 82) -> list[dict]:
@@ -229,6 +259,8 @@ def list_cases(dcfg) -> tuple[list[dict], list[dict]]:
         train, val = _btcv_cases(root, dcfg.btcv_val_count)
     elif dcfg.layout == "mni_gm_wm":
         train, val = build_mni_gm_wm(root, volume_dims(dcfg))
+    elif dcfg.layout == "demo_ct_head":
+        train, val = build_ct_head_halves(root)
     elif dcfg.layout == "acdc":
         if dcfg.demo_source == "mni_gm_wm":
             build_mni_acdc(root)

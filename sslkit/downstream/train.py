@@ -81,8 +81,8 @@ def make_loss(cfg):
     if cfg.loss.name == "focal":
         from sslkit.objectives.prompt_segmentation import focal_loss
 
-        gamma = cfg.loss.gamma
-        return lambda logits, y: focal_loss(torch.log_softmax(logits.float(), 1), y[:, 0].long(), gamma)
+        gamma, temp = cfg.loss.gamma, cfg.loss.temperature
+        return lambda logits, y: focal_loss(torch.log_softmax(logits.float() / temp, 1), y[:, 0].long(), gamma)
     from monai.losses import DiceCELoss
 
     return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.loss.lambda_dice, lambda_ce=cfg.loss.lambda_ce)
