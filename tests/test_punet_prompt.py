@@ -96,8 +96,7 @@ def test_prompt_tuning_a_new_class_reaches_dice_on_held_out_ct(tmp_path, demo_di
                 "--set", f"data.cache_dir={tmp_path / 'cache'}")
     assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("finetune", "--cfg", RECIPE, "--encoder", str(pre), "--run-dir", str(tmp_path / "prompt"),
-                "--set", f"data.root={demo_dir}", "--set", "train.max_steps=40", "--set", "train.val_every=40",
-)
+                "--set", f"data.root={demo_dir}", "--set", "train.max_steps=40", "--set", "train.val_every=40")
     assert r.returncode == 0, r.stderr[-2000:]
     val = [x for x in _rows(tmp_path / "prompt") if "val_dice" in x][-1]["val_dice"]
     print(f"\nprompt-tuned soft tissue Dice {val['soft_tissue']:.3f} (bone, frozen base class: {val['bone']:.3f})")
