@@ -131,7 +131,7 @@ def test_bad_labelled_entries_are_skipped_and_recorded(mni, tmp_path):
 
 def test_joint_recipe_and_label_check():
     cfg = load_config(RECIPE)
-    assert cfg.data.with_labels and cfg.data.datalist_key == MNI_KEY
+    assert cfg.data.with_labels and cfg.data.datalist_key == "labelled_ct_head"
     assert cfg.model.args == {"channels": [16, 16, 32, 32, 64], "num_heads": 4, "window_size": [4, 4, 4],
                               "num_classes": 3, "prompt_tokens": 16, "default_classes": [0, 1]}
     assert [(o["name"], o["weight"]) for o in cfg.objectives] == [("prompt_segmentation", 1.0), ("cpa", 0.01)]
@@ -145,7 +145,8 @@ def _run(tmp_path: Path, name: str, datalist: Path, cache: Path, steps: int, *se
     run = tmp_path / name
     res = run_cli("pretrain", "--cfg", str(RECIPE), "--run-dir", str(run), "--no-progress",
                   "--set", f"data.datalist={datalist}", "--set", f"data.cache_dir={cache}",
-                  "--set", f"train.max_steps={steps}", "--set", "train.ckpt_every=0", *sets)
+                  "--set", f"train.max_steps={steps}", "--set", "train.ckpt_every=0",
+                  "--set", f"data.datalist_key={MNI_KEY}", "--set", "data.modality=mri", *sets)
     assert res.returncode == 0, res.stderr[-3000:]
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
