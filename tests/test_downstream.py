@@ -263,7 +263,7 @@ def test_recipes_load_and_config_errors():
     with pytest.raises(ConfigError, match="did you mean 'train.sw_overlap'"):
         downstream_config_from_dict({"train": {"sw_overlpa": 0.5}})
     with pytest.raises(ConfigError, match="adapt.mode"):
-        downstream_config_from_dict({"adapt": {"mode": "prompt"}})
+        downstream_config_from_dict({"adapt": {"mode": "lora"}})
 
 
 def test_btcv_split_and_num_labelled(tmp_path):
