@@ -55,12 +55,13 @@ def test_prompt_mode_trains_exactly_the_new_class_prompts():
         adapt(build_model(cfg), cfg.adapt, 1e-3)
 
 
-def test_prompt_tuning_leaves_everything_else_bitwise_unchanged(tmp_path):
+def test_prompt_tuning_leaves_everything_else_bitwise_unchanged(tmp_path, demo_dir):
     """Through `sslkit finetune`: a 'pretrained' PUNet (perturbed weights, non-trivial BatchNorm statistics) is
     prompt-tuned for 6 steps; only class 2's 37 prompt tensors differ afterwards."""
     from sslkit.downstream.train import finetune
 
-    over = ["train.max_steps=6", "train.val_every=6", "train.val_cases=1", "data.samples_per_volume=2"]
+    over = ["train.max_steps=6", "train.val_every=6", "train.val_cases=1", "data.samples_per_volume=2",
+            f"data.root={demo_dir}"]
     cfg = load_downstream_config(RECIPE, over)
     torch.manual_seed(7)
     donor = build_model(cfg).encoder.state_dict()

@@ -341,26 +341,33 @@ def eval_transforms(dcfg, with_label: bool = True):
     return Compose(_load_and_geometry(dcfg, keys) + _intensity_and_crop(dcfg, keys))
 
 
-def train_transforms(dcfg):
-    """Eval pre-processing + random crops by label (pos:neg) + flips / rot90 / intensity jitter."""
-    from monai.transforms import (Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, RandScaleIntensityd,
-                                  RandShiftIntensityd, SpatialPadd)
+def random_augmentations(dcfg, spatial_dims: int) -> list:
+    """Flips per axis, rot90, intensity scale / shift, each with its recipe probability (skipped at 0)."""
+    from monai.transforms import RandFlipd, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd
 
     keys = ["image", "label"]
-    sd = len(dcfg.roi)
-    t = list(eval_transforms(dcfg).transforms)
-    t += [SpatialPadd(keys, spatial_size=list(dcfg.roi)),
-          RandCropByPosNegLabeld(keys, label_key="label", spatial_size=list(dcfg.roi), pos=dcfg.pos, neg=dcfg.neg,
-                                 num_samples=dcfg.samples_per_volume, image_key="image", image_threshold=0)]
+    t = []
     if dcfg.flip_prob > 0:
-        t += [RandFlipd(keys, prob=dcfg.flip_prob, spatial_axis=a) for a in range(sd)]
+        t += [RandFlipd(keys, prob=dcfg.flip_prob, spatial_axis=a) for a in range(spatial_dims)]
     if dcfg.rot90_prob > 0:
         t.append(RandRotate90d(keys, prob=dcfg.rot90_prob, max_k=3))
     if dcfg.scale_intensity_prob > 0:
         t.append(RandScaleIntensityd("image", factors=0.1, prob=dcfg.scale_intensity_prob))
     if dcfg.shift_intensity_prob > 0:
         t.append(RandShiftIntensityd("image", offsets=0.1, prob=dcfg.shift_intensity_prob))
-    return Compose(t)
+    return t
+
+
+def train_transforms(dcfg):
+    """Eval pre-processing + random crops by label (pos:neg) + flips / rot90 / intensity jitter."""
+    from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
+
+    keys = ["image", "label"]
+    t = list(eval_transforms(dcfg).transforms)
+    t += [SpatialPadd(keys, spatial_size=list(dcfg.roi)),
+          RandCropByPosNegLabeld(keys, label_key="label", spatial_size=list(dcfg.roi), pos=dcfg.pos, neg=dcfg.neg,
+                                 num_samples=dcfg.samples_per_volume, image_key="image", image_threshold=0)]
+    return Compose(t + random_augmentations(dcfg, len(dcfg.roi)))
 
 
 def make_datasets(dcfg):

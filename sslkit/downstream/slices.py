@@ -20,21 +20,14 @@ def repeat_channels(x: torch.Tensor, times: int, dim: int) -> torch.Tensor:
 
 
 def slice_train_transforms(dcfg):
-    from monai.transforms import (Compose, RandFlipd, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd,
-                                  RandSpatialCropd, SpatialPadd)
+    from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
+
+    from sslkit.downstream.data import random_augmentations
 
     keys = ["image", "label"]
-    t = [SpatialPadd(keys, spatial_size=list(dcfg.roi)), RandSpatialCropd(keys, roi_size=list(dcfg.roi),
-                                                                          random_size=False)]
-    if dcfg.flip_prob > 0:
-        t += [RandFlipd(keys, prob=dcfg.flip_prob, spatial_axis=a) for a in range(2)]
-    if dcfg.rot90_prob > 0:
-        t.append(RandRotate90d(keys, prob=dcfg.rot90_prob, max_k=3))
-    if dcfg.scale_intensity_prob > 0:
-        t.append(RandScaleIntensityd("image", factors=0.1, prob=dcfg.scale_intensity_prob))
-    if dcfg.shift_intensity_prob > 0:
-        t.append(RandShiftIntensityd("image", offsets=0.1, prob=dcfg.shift_intensity_prob))
-    return Compose(t)
+    t = [SpatialPadd(keys, spatial_size=list(dcfg.roi)),
+         RandSpatialCropd(keys, roi_size=list(dcfg.roi), random_size=False)]
+    return Compose(t + random_augmentations(dcfg, 2))
 
 
 class SliceDataset(Dataset):

@@ -13,6 +13,7 @@ Every rank writes into `.tmp-step_XXXXXXXX/`, then rank 0 renames it into place 
 
 from __future__ import annotations
 
+import copyreg
 import json
 import os
 import random
@@ -100,6 +101,13 @@ def _allow_deepspeed_globals() -> None:
     except ImportError:
         pass
     torch.serialization.add_safe_globals(allowed)
+    # Python 3.11.0-3.11.3 pickle Enum members as getattr(cls, name), which weights_only loading refuses (and
+    # allowing getattr would open it up); pickle them as cls(value) on every Python instead.
+    copyreg.pickle(ZeroStageEnum, _enum_by_value)
+
+
+def _enum_by_value(member):
+    return type(member), (member.value,)
 
 
 def write_checkpoint(ckpt_root: Path, step: int, engine, student_state: dict, teacher_state: dict,
@@ -113,6 +121,7 @@ def write_checkpoint(ckpt_root: Path, step: int, engine, student_state: dict, te
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     D.barrier()
+    _allow_deepspeed_globals()  # also makes the saved file loadable with weights_only on every Python
     engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
     save_tensors(rank_tensors, tmp / f"rank{r}.safetensors")
     (tmp / f"rank{r}.json").write_text(json.dumps(rank_plain), encoding="utf-8")
