@@ -65,6 +65,17 @@ def _centred_affine(spacing_ras: np.ndarray, shape: tuple[int, ...]) -> np.ndarr
 # ------------------------------------------------------------------------------------------ sources
 
 
+def _safe_extract(tf: tarfile.TarFile, dest: str) -> None:
+    """Extract only regular files and folders with relative names inside `dest`. Python >= 3.11.4 also applies
+    its "data" filter; Debian's 3.11.2 has no extraction filters, hence the explicit member check."""
+    for m in tf.getmembers():
+        name = Path(m.name)
+        if name.is_absolute() or ".." in name.parts or not (m.isfile() or m.isdir()):
+            raise DataError(f"{tf.name}: refusing tar member {m.name!r} (not a plain relative file or folder)")
+    kwargs = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    tf.extractall(dest, **kwargs)
+
+
 def _invesalius_ct(out: Path) -> tuple[Path, Path]:
     """Cranium.inv3 (tar.gz of plists + raw memmaps) -> ct_head.nii.gz + ct_head_label.nii.gz.
 
@@ -76,7 +87,7 @@ def _invesalius_ct(out: Path) -> tuple[Path, Path]:
         raise DataError(f"{INVESALIUS_CT}: InVesalius example missing (apt-get install invesalius-examples)")
     with tempfile.TemporaryDirectory() as td:
         with tarfile.open(INVESALIUS_CT, "r:gz") as tf:
-            tf.extractall(td, filter="data")
+            _safe_extract(tf, td)
         main_plist = next(Path(td).rglob("main.plist"))
         root = main_plist.parent
         main = plistlib.loads(main_plist.read_bytes())
