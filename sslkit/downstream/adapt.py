@@ -167,12 +167,6 @@ def _adapter(model: nn.Module, cfg, lr: float) -> Adaptation:
     return Adaptation([{"params": head, "lr": lr, "name": "head"}, {"params": adapters, "lr": lr, "name": "adapters"}])
 
 
-def trainable_fraction(model: nn.Module, of: nn.Module | None = None) -> float:
-    """Parameters that require grad in `model` / all parameters of `of` (default: model)."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return n / sum(p.numel() for p in (of or model).parameters())
-
-
 # ------------------------------------------------------------------------------------ encoder weights
 
 

@@ -245,7 +245,7 @@ def _seeded_split(cases: list[dict], fraction: float, seed: int) -> tuple[list[d
 
 def volume_dims(dcfg) -> int:
     """Spatial dimensions of the scans (3 when a 2D model reads slices of volumes)."""
-    return 3 if getattr(dcfg, "slices", False) else len(dcfg.roi)
+    return 3 if dcfg.slices else len(dcfg.roi)
 
 
 def list_cases(dcfg) -> tuple[list[dict], list[dict]]:
@@ -379,7 +379,8 @@ def make_datasets(dcfg):
     if dcfg.slices:
         from sslkit.downstream.slices import SliceDataset
 
-        return (SliceDataset(CacheDataset(train, eval_transforms(dcfg), **kw), dcfg),
+        # copy_cache=False: a slice item reads its volume without deep-copying the whole volume each time
+        return (SliceDataset(CacheDataset(train, eval_transforms(dcfg), copy_cache=False, **kw), dcfg),
                 CacheDataset(val, eval_transforms(dcfg), **kw), train, val)
     return (CacheDataset(train, train_transforms(dcfg), **kw), CacheDataset(val, eval_transforms(dcfg), **kw),
             train, val)

@@ -45,8 +45,9 @@ class SliceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         v, z = self.index[i]
-        vol = self.volumes[v]
-        item = {"image": repeat_channels(vol["image"][..., z], self.channels, 0), "label": vol["label"][..., z]}
+        vol = self.volumes[v]  # the cached volume itself (not a copy): only its slice z is copied out
+        item = {"image": repeat_channels(vol["image"][..., z].clone(), self.channels, 0),
+                "label": vol["label"][..., z].clone()}
         return self.transform(item)
 
 
