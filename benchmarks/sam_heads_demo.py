@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sslkit.downstream.adapt import adapt, build_model, load_encoder_weights
+from sslkit.downstream.adapt import adapt, build_model, load_encoder
 from sslkit.downstream.config import load_downstream_config
 from sslkit.downstream.data import make_datasets
 from sslkit.downstream.evaluate import validate
@@ -31,9 +31,9 @@ def untrained_dice(cfg, encoder: str | None) -> float:
     torch.manual_seed(cfg.train.seed)  # finetune builds its model the same way: this is its step-0 model
     model = build_model(cfg)
     if encoder:
-        load_encoder_weights(model, encoder)
-    _, val_ds, _, val_cases = make_datasets(cfg.data)
-    return validate(model, val_ds, cfg, torch.device("cpu"), val_cases)[0]["mean_dice"]
+        load_encoder(model, encoder)
+    data = make_datasets(cfg.data)
+    return validate(model, data.val, cfg, torch.device("cpu"), data.val_cases)[0]["mean_dice"]
 
 
 def run_head(head: str, steps: int, encoder: str | None, out: Path) -> dict:
@@ -44,7 +44,7 @@ def run_head(head: str, steps: int, encoder: str | None, out: Path) -> dict:
     rows = [json.loads(x) for x in (out / head / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     times = [r["step_time"] for r in rows if "step_time" in r][2:]  # skip warm-up steps
     model = build_model(cfg)
-    a = adapt(model, cfg.adapt, cfg.train.lr)
+    a = adapt(model, cfg.adapt, cfg.optim.lr)
     n_train = sum(p.numel() for g in a.param_groups for p in g["params"])
     return {"head": head, "untrained_dice": before, "best_dice": res["best_dice"], "best_step": res["best_step"],
             "trainable": n_train, "step_s": sum(times) / len(times)}

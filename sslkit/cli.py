@@ -1,6 +1,8 @@
 """`sslkit` command line. Argument parsing only: each sub-command calls one function of a package.
 
 User errors (bad file, bad config key, missing path) print one line `sslkit: error: ...` and exit with 2.
+A run stopped by SIGTERM / SIGUSR1 / SIGINT after writing its checkpoint exits with 75 (run it again with
+`--resume auto`); a pretraining run stopped by a collapse alarm exits with 3.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ def _add_pretrain(sub) -> None:
                    help="override a config key, e.g. --set train.max_steps=200 (repeatable)")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<recipe name>)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
-                   help="continue from the newest complete checkpoint (auto) or a checkpoint directory")
+                   help="continue from the newest valid checkpoint (auto) or a checkpoint directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     p.set_defaults(func=cmd_pretrain)
 
@@ -31,13 +33,42 @@ def cmd_pretrain(a) -> int:
 
     cfg = load_config(a.cfg, a.overrides)
     run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / Path(a.cfg).stem
+    _check_datalist(cfg.data.datalist, "--set data.datalist=PATH")
     from sslkit.engine.trainer import pretrain
 
-    res = pretrain(cfg, run_dir, resume=a.resume, progress=not a.no_progress)
-    if _is_rank0():
-        state = "stopped by an alarm" if res.stopped_by_alarm else "done"
-        print(f"{state}: {res.steps} steps, run directory {res.run_dir}")
-    return 3 if res.stopped_by_alarm else 0
+    res = pretrain(cfg, run_dir, resume=a.resume, progress=not a.no_progress, recipe=a.cfg)
+    if not _is_rank0():
+        return 75 if res.stopped_by_signal else (3 if res.stopped_by_alarm or res.stopped_by_nonfinite else 0)
+    if res.stopped_by_signal:
+        return _preempted(res.stopped_by_signal, res.steps, "pretrain", a.cfg, run_dir)
+    if res.stopped_by_alarm or res.stopped_by_nonfinite:
+        why = "a non-finite loss or gradient" if res.stopped_by_nonfinite else "an alarm"
+        print(f"stopped by {why} at step {res.steps}; run directory {res.run_dir}")
+        return 3
+    print(f"done: {res.steps} steps, run directory {res.run_dir}\n"
+          f"  encoder + plan:  {res.run_dir / 'encoder.safetensors'}  (sslkit info {res.run_dir})\n"
+          f"  dashboard:       sslkit dashboard {res.run_dir}\n"
+          f"  export:          sslkit export --run-dir {res.run_dir} --out encoder.safetensors\n"
+          f"  fine-tune:       sslkit finetune --cfg downstream/RECIPE.yaml --encoder {res.run_dir}")
+    return 0
+
+
+def _preempted(signal: str, steps: int, command: str, cfg: str, run_dir: Path) -> int:
+    from sslkit.run import EXIT_PREEMPTED
+
+    print(f"sslkit: stopped by {signal} at step {steps} after writing its checkpoint; continue with: "
+          f"sslkit {command} --cfg {cfg} --run-dir {run_dir} --resume auto", file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED
+
+
+def _check_datalist(path: str, how: str) -> None:
+    """A missing datalist path says how to make one (before anything else happens)."""
+    if not path:
+        raise UserError(f"data.datalist: not set; point it at a datalist JSON or a folder of scans ({how})")
+    p = Path(path).expanduser()
+    if not p.exists():
+        hint = " (build the demo corpus with `sslkit data demo`)" if "demo_data" in p.parts else ""
+        raise UserError(f"data.datalist: {p} not found{hint}; or give another one with {how}")
 
 
 def _is_rank0() -> bool:
@@ -45,18 +76,34 @@ def _is_rank0() -> bool:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write the student encoder of a run as safetensors")
-    p.add_argument("--run-dir", required=True, help="a pretraining run directory")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest)")
+    p = sub.add_parser("export", help="write a run's encoder (with its plan) for sslkit, MONAI, timm or Hugging Face, "
+                                      "or a fine-tuned model as a MONAI bundle")
+    p.add_argument("--run-dir", required=True,
+                   help="a pretraining run directory (monai-bundle: a fine-tuning run, checkpoint or model file)")
+    p.add_argument("--out", required=True, help="output file (a folder for --format hf)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest valid one)")
+    p.add_argument("--format", default="sslkit",
+                   choices=["sslkit", "monai", "monai_load_from", "timm", "hf", "monai-bundle"],
+                   help="sslkit: safetensors + plan; monai: SwinUNETR swinViT.* state dict; monai_load_from: the "
+                        "file SwinUNETR.load_from reads; timm: samvit_* state dict; hf: a folder with config.json, "
+                        "model.safetensors and a model card (sslkit.from_pretrained loads it); monai-bundle: a "
+                        "fine-tuned model as a MONAI bundle folder (python -m monai.bundle run)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(a) -> int:
-    from sslkit.engine.export import export_from_run
+    if a.format == "monai-bundle":
+        from sslkit.downstream.bundle import export_monai_bundle
 
-    out, n = export_from_run(Path(a.run_dir), Path(a.out), a.checkpoint)
-    print(f"wrote {out} ({n} tensors)")
+        out = export_monai_bundle(a.checkpoint or a.run_dir, a.out)
+        print(f"wrote {out}; run it: python -m monai.bundle run --config_file {out}/configs/inference.json "
+              f"--meta_file {out}/configs/metadata.json --bundle_root {out} --dataset_dir SCANS --output_dir OUT")
+        return 0
+    from sslkit.engine.export import export_encoder_as
+
+    paths = export_encoder_as(Path(a.run_dir), Path(a.out), a.format, a.checkpoint)
+    print("wrote " + ", ".join(str(p) for p in paths) + (f"; its plan: sslkit info {paths[0]}"
+                                                          if a.format in ("sslkit", "hf") else ""))
     return 0
 
 
@@ -67,7 +114,7 @@ def _add_data(sub) -> None:
     d.add_argument("--out", default="demo_data", help="output folder (default demo_data)")
     d.set_defaults(func=cmd_data_demo)
     i = dsub.add_parser("index", help="find NIfTI / NRRD / MHA files and DICOM series under ROOT")
-    i.add_argument("root")
+    i.add_argument("root", help="folder to search (recursively)")
     i.add_argument("--out", required=True, help="datalist JSON to write")
     i.set_defaults(func=cmd_data_index)
 
@@ -86,30 +133,52 @@ def cmd_data_index(a) -> int:
     root = Path(a.root)
     if not root.is_dir():
         raise UserError(f"{root}: not a directory")
-    items = index_folder(root)
+    left_out = []
+
+    def warn(line: str) -> None:  # one line per problem folder; the index goes on
+        print(f"sslkit: warning: {line}", file=sys.stderr, flush=True)
+        if line.endswith("left out"):
+            left_out.append(line)
+
+    items = index_folder(root, warn=warn)
     out = Path(a.out)
     write_datalist(items, out, out.parent)
-    print(f"{len(items)} scans -> {out}")
+    print(f"{len(items)} scans -> {out}" + (f" ({len(left_out)} DICOM folder(s) left out, see the warnings above)"
+                                            if left_out else ""))
     return 0
 
 
 def _add_info(sub) -> None:
-    p = sub.add_parser("info", help="versions, devices and the DeepSpeed accelerator")
+    p = sub.add_parser("info", help="the plan of an encoder, checkpoint or run; without PATH: versions and devices")
+    p.add_argument("path", nargs="?", default=None,
+                   help="an encoder / model .safetensors file, a checkpoint directory or a run directory")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_info)
 
 
 def cmd_info(a) -> int:
-    from sslkit.engine.info import environment_report
+    if a.path is None:
+        from sslkit.engine.info import environment_report
 
-    print(environment_report())
+        print(environment_report())
+        return 0
+    import json
+
+    from sslkit.plan import format_plan, read_plan, weights_file
+
+    plan = read_plan(a.path)
+    print(json.dumps(plan, indent=1) if a.json else f"{weights_file(a.path)}\n{format_plan(plan)}")
     return 0
 
 
 def _add_monitor(sub) -> None:
     p = sub.add_parser("dashboard", help="live collapse-monitoring dashboard for one or more runs")
-    p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--port", type=int, default=8765)
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("run_dirs", nargs="+", help="run directories, or folders of run directories")
+    p.add_argument("--port", type=int, default=8765, help="port to serve on (default 8765)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; any other "
+                   "address exposes the page, which has no authentication)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests whose Host header names NAME (e.g. a reverse proxy; repeatable)")
     p.add_argument("--html", default=None, help="write one self-contained HTML file instead of serving")
     p.set_defaults(func=cmd_dashboard)
     q = sub.add_parser("probe", help="collapse statistics of a checkpoint on the run's fixed probe crops")
@@ -121,7 +190,8 @@ def _add_monitor(sub) -> None:
 def cmd_dashboard(a) -> int:
     from sslkit.monitor.dashboard import dashboard_main
 
-    dashboard_main([Path(r) for r in a.run_dirs], port=a.port, html_out=a.html, host=a.host)
+    dashboard_main([Path(r) for r in a.run_dirs], port=a.port, html_out=a.html, host=a.host,
+                   allowed_hosts=a.allow_host)
     return 0
 
 
@@ -136,36 +206,53 @@ def cmd_probe(a) -> int:
 
 def _add_downstream(sub) -> None:
     p = sub.add_parser("finetune", help="segmentation fine-tuning from a downstream recipe")
-    p.add_argument("--cfg", required=True)
-    p.add_argument("--encoder", default=None, help="encoder.safetensors or a pretraining run directory")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--run-dir", default=None)
-    p.add_argument("--resume", nargs="?", const="auto", default=None)
+    p.add_argument("--cfg", required=True, help="downstream YAML recipe, e.g. downstream/demo_mni_gm_wm.yaml")
+    p.add_argument("--encoder", default=None,
+                   help="pretrained encoder: a pretraining run directory, a checkpoint or a .safetensors file; the "
+                        "recipe's missing model / preprocessing keys come from its plan")
+    p.add_argument("--scratch", action="store_true",
+                   help="with --encoder: its plan's model and preprocessing, random weights (the from-scratch baseline)")
+    p.add_argument("--strict-plan", action="store_true",
+                   help="refuse (exit 2) when the recipe differs from the encoder's plan, instead of a warning")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set train.max_steps=60 (repeatable)")
+    p.add_argument("--run-dir", default=None, help="output directory (default runs/<recipe name>)")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
+                   help="continue from the newest valid checkpoint (auto) or a checkpoint directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     p.set_defaults(func=cmd_finetune)
-    e = sub.add_parser("evaluate", help="per-case, per-class Dice / HD95 / surface distance of a run")
-    e.add_argument("run_dir")
-    e.add_argument("--ckpt", default=None, help="checkpoint to evaluate (default: the run's best)")
+    e = sub.add_parser("evaluate", help="per-case, per-class Dice / HD95 / surface distance of a fine-tuning run")
+    e.add_argument("run_dir", help="a fine-tuning run directory")
+    e.add_argument("--ckpt", default=None, help="a model.safetensors or checkpoint directory (default: the best)")
     e.add_argument("--max-cases", type=int, default=None, help="evaluate only the first N validation cases")
     e.set_defaults(func=cmd_evaluate)
     c = sub.add_parser("compare", help="several evaluated runs side by side")
-    c.add_argument("run_dirs", nargs="+")
-    c.add_argument("--out", default=None, help="Markdown file to write (default comparison.md)")
+    c.add_argument("run_dirs", nargs="+", help="evaluated fine-tuning run directories")
+    c.add_argument("--out", default=None, help="Markdown file to write (default comparison.md; a .csv beside it)")
     c.set_defaults(func=cmd_compare)
     r = sub.add_parser("predict", help="label maps for new scans in their original geometry")
-    r.add_argument("--ckpt", required=True)
+    r.add_argument("--ckpt", required=True, help="a fine-tuning run directory, checkpoint or model.safetensors")
     r.add_argument("--input", required=True, help="a scan, a DICOM series folder or a folder of scans")
-    r.add_argument("--output", required=True)
+    r.add_argument("--output", required=True, help="folder for the <name>_seg.nii.gz label maps")
     r.set_defaults(func=cmd_predict)
 
 
 def cmd_finetune(a) -> int:
-    from sslkit.downstream.config import load_downstream_config
+    from sslkit.config import read_recipe
     from sslkit.downstream.train import finetune
 
-    cfg = load_downstream_config(a.cfg, a.overrides)
+    raw = read_recipe(a.cfg, a.overrides)
     run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / Path(a.cfg).stem
-    out = finetune(cfg, run_dir, encoder_path=a.encoder, resume=a.resume)
-    print(f"best mean Dice {out['best_dice']:.4f} at step {out['best_step']}, run directory {out['run_dir']}")
+    out = finetune(raw, run_dir, encoder_path=a.encoder, resume=a.resume, progress=not a.no_progress,
+                   strict_plan=a.strict_plan, recipe_path=a.cfg, scratch=a.scratch)
+    if out["stopped_by_signal"]:
+        return _preempted(out["stopped_by_signal"], out["steps"], "finetune", a.cfg, run_dir)
+    if out["stopped_by_nonfinite"]:
+        return 3
+    best = f"{out['best_dice']:.4f} at step {out['best_step']}" if out["best_dice"] is not None else "n/a"
+    print(f"best mean Dice {best}, run directory {out['run_dir']}\n"
+          f"  evaluate: sslkit evaluate {out['run_dir']}\n"
+          f"  predict:  sslkit predict --ckpt {out['run_dir']} --input SCAN --output preds/")
     return 0
 
 
@@ -173,7 +260,9 @@ def cmd_evaluate(a) -> int:
     from sslkit.downstream.evaluate import evaluate
 
     res = evaluate(Path(a.run_dir), ckpt=a.ckpt, max_cases=a.max_cases)
-    print(f"mean Dice {res.get('mean_dice', float('nan')):.4f}; reports in {Path(a.run_dir) / 'eval'}")
+    out = Path(a.run_dir) / "eval"
+    print(f"mean Dice {res.get('mean_dice', float('nan')):.4f}; wrote {out / 'report.md'}, "
+          f"{out / 'per_case.csv'}, {out / 'metrics.json'}")
     return 0
 
 
@@ -182,6 +271,7 @@ def cmd_compare(a) -> int:
 
     out = compare([Path(r) for r in a.run_dirs], Path(a.out) if a.out else Path("comparison.md"))
     print(Path(out).read_text(encoding="utf-8"))
+    print(f"wrote {out} and {Path(out).with_suffix('.csv')}")
     return 0
 
 
@@ -196,6 +286,8 @@ def cmd_predict(a) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslkit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--verbose", action="store_true",
+                        help="keep third-party start-up messages (DeepSpeed, torch extensions, pydicom)")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_pretrain, _add_export, _add_data, _add_info, _add_monitor, _add_downstream):
         add(sub)
@@ -208,12 +300,49 @@ def _version() -> str:
     return f"sslkit {__version__}"
 
 
+def quiet_third_party() -> None:
+    """Silence start-up chatter of libraries we import (DeepSpeed's accelerator and op messages, torch's
+    CUDA_HOME notice, MONAI / nvImageCodec / pydicom warnings); errors still show. DeepSpeed resets its logger's
+    level on import, so sslkit.engine.distributed lowers it again after importing it (SSLKIT_QUIET)."""
+    import logging
+    import warnings
+
+    os.environ["SSLKIT_QUIET"] = "1"
+    for name in ("DeepSpeed", "torch.utils.cpp_extension", "torch.distributed", "pydicom", "nvimgcodec", "monai"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(deepspeed|pydicom|nvidia|monai|torch\.distributed)(\.|$)")
+    warnings.filterwarnings("ignore", message=r".*(nvImageCodec|nvimgcodec|TORCH_CUDA_ARCH_LIST|CUDA_HOME).*")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.verbose:
+        quiet_third_party()
     try:
         return args.func(args)
     except UserError as e:
         print(f"sslkit: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - two kinds become one line, everything else is re-raised
+        # MONAI wraps a transform's exception (e.g. a DataError) in RuntimeError; a full disk reaches us as
+        # OSError(ENOSPC), or as safetensors' / torch's own errors that only name it in their message
+        import errno
+
+        chain, inner = [], e
+        while inner is not None and len(chain) < 8:
+            chain.append(inner)
+            inner = inner.__cause__ or inner.__context__
+        user = next((x for x in chain if isinstance(x, UserError)), None)
+        if user is not None:
+            print(f"sslkit: error: {user}", file=sys.stderr)
+            return 2
+        full = next((x for x in chain if (isinstance(x, OSError) and x.errno == errno.ENOSPC)
+                     or "No space left on device" in str(x) or "os error 28" in str(x)), None)
+        if full is None:
+            raise
+        where = getattr(full, "filename", None) or Path.cwd()
+        print(f"sslkit: error: {where}: disk full (No space left on device); free some space and run the same "
+              "command again (with --resume auto for a training run)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sslkit: interrupted", file=sys.stderr)

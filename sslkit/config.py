@@ -17,52 +17,48 @@ import yaml
 from sslkit.errors import ConfigError, closest
 
 
+# ------------------------------------------------------------------------------- sections both loops share
+
+
 @dataclass
 class TrainConfig:
-    micro_batch_size: int = 2          # crops per process per micro-batch
-    grad_accum_steps: int = 1          # micro-batches per optimizer step
+    """Keys every training loop has (pretraining and fine-tuning add their own in subclasses)."""
     max_steps: int = 100               # optimizer steps
     seed: int = 0
-    precision: str = "fp32"            # fp32 | bf16 | fp16
-    zero_stage: int = 0                # DeepSpeed ZeRO stage 0..3
-    grad_clip: float = 1.0             # 0 disables clipping
-    ckpt_every: int = 50               # optimizer steps between checkpoints (0: only at the end)
-    keep_last: int = 3                 # checkpoints kept
-    log_every: int = 1                 # optimizer steps between progress-bar updates
-    num_workers: int = 0               # DataLoader workers per process
     device: str = "auto"               # auto | cpu | cuda
     threads: int = 0                   # torch CPU threads (0: torch default)
+    num_workers: int = 0               # DataLoader workers per process
+    grad_clip: float = 1.0             # 0 disables clipping
+    ckpt_every: int = 50               # optimizer steps between checkpoints (0: only at the end)
+    keep_last: int = 3                 # step checkpoints kept (the newest valid and a marked healthy one always)
+    nonfinite: str = "skip"            # a NaN / inf loss or gradient norm: skip that optimizer step (and the EMA
+                                       # update; counted in metrics.jsonl; 20 in a row stop the run) | stop
 
 
 @dataclass
 class OptimConfig:
     name: str = "adamw"                # adamw | adam | sgd (momentum = betas[0])
-    lr: float = 1e-4
+    lr: float = 1e-4                   # peak lr
     weight_decay: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    warmup_steps: int = 0              # linear warm-up, in optimizer steps
+    schedule: str = "cosine"           # cosine (linear warm-up, then cosine to min_lr_ratio) | constant | one_cycle
+    warmup_steps: int = 0              # linear warm-up, in optimizer steps (cosine)
     min_lr_ratio: float = 0.0          # cosine floor as a fraction of lr
 
 
 @dataclass
-class DataConfig:
-    datalist: str = ""                 # decathlon-style JSON, or a folder of scans
-    datalist_key: str = "training"
-    modality: str = "ct"               # ct | mri | 2d
-    spatial_dims: int = 3
-    roi: list[int] = field(default_factory=lambda: [64, 64, 64])
-    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])
-    intensity_range: list[float] = field(default_factory=lambda: [-175.0, 250.0])  # CT window (HU)
-    crops_per_volume: int = 2          # random crops drawn from one cached volume per epoch
-    cache_dir: str = ""                # preprocessed volumes; default <run_dir>/../.cache/sslkit
-    view_flip_prob: float = 0.5
-    view_intensity_shift: float = 0.1
-    view_intensity_scale: float = 0.1
-    view_noise_std: float = 0.05
-    view_shift: float = 0.0            # second view's crop moved by up to this fraction of roi per axis
-    # with_labels: entries must carry "label"; label maps are resampled on the image grid (nearest), cached next to
-    # the image and cut with the image crop's window; batches gain "label" (B, 1, *roi) int64, 0 where padded
-    with_labels: bool = False
+class PreprocessConfig:
+    """What the encoder's input looks like: the keys of the plan. Scans are read, turned to RAS, resampled to
+    `spacing`, intensity-normalised by the scheme of their modality, cropped to the foreground; `roi` is the crop
+    (window) the model trains on. Both loops share these keys (sslkit.data.preprocess)."""
+    modality: str = "ct"               # ct | mri (a datalist entry's own "modality" overrides it)
+    spacing: list[float] = field(default_factory=lambda: [1.5, 1.5, 2.0])  # mm per axis; [] or a value <= 0 keeps
+    intensity_range: list[float] = field(default_factory=lambda: [-175.0, 250.0])  # CT window (HU) -> [0, 1]
+    mri_norm: str = "percentile"       # MRI: percentile (mri_percentiles -> [0, 1], clipped) | zscore (all voxels)
+                                       # | zscore_nonzero (over non-zero voxels, MSD practice)
+    mri_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    crop_foreground: bool = True       # crop to the box of voxels > 0 (after the CT window / MRI percentiles)
+    roi: list[int] = field(default_factory=lambda: [64, 64, 64])  # crop size in voxels
 
 
 @dataclass
@@ -71,6 +67,58 @@ class ModelConfig:
     spatial_dims: int = 3
     in_channels: int = 1
     args: dict = field(default_factory=dict)  # builder options, checked against the builder's signature
+    init_from: str = ""                # encoder weights to start from (a local file, checkpoint or run directory):
+                                       # sslkit's own, MONAI Swin-UNETR (SSL or model), VoCo, SAM / SAM-derived, timm
+                                       # samvit; the layout is detected (sslkit.models.weights). `finetune --encoder X`
+                                       # sets it
+
+
+# ------------------------------------------------------------------------------------------ pretraining
+
+
+@dataclass
+class PretrainTrainConfig(TrainConfig):
+    micro_batch_size: int = 2          # crops per process per micro-batch
+    grad_accum_steps: int = 1          # micro-batches per optimizer step
+    precision: str = "fp32"            # fp32 | bf16 | fp16
+    zero_stage: int = 0                # DeepSpeed ZeRO stage 0..3
+
+
+@dataclass
+class ViewConfig:
+    """The two augmented views of a pretraining crop (sslkit.data.views). `strength: basic` is flips, intensity
+    scale / shift and noise; `strong` adds MONAI's random zoom (resized crop), small rotations, gamma, contrast
+    and blur, each with its probability. Every view is a pure function of (seed, epoch, index)."""
+    strength: str = "basic"            # basic | strong
+    shift: float = 0.0                 # second view's crop moved by up to this fraction of roi per axis
+    flip_prob: float = 0.5             # per spatial axis
+    intensity_scale: float = 0.1       # multiply by 1 + U(-s, s)
+    intensity_shift: float = 0.1       # add U(-s, s)
+    noise_std: float = 0.05            # Gaussian noise, std in intensity units ([0, 1] images)
+    zoom: list[float] = field(default_factory=lambda: [0.8, 1.25])   # strong: zoom factor range (resized crop)
+    zoom_prob: float = 0.5
+    rotate_deg: float = 15.0           # strong: max rotation per axis, degrees
+    rotate_prob: float = 0.3
+    gamma: list[float] = field(default_factory=lambda: [0.7, 1.5])  # strong: gamma range
+    gamma_prob: float = 0.3
+    contrast: float = 0.25             # strong: contrast factor 1 + U(-c, c) around the mean
+    contrast_prob: float = 0.3
+    blur_sigma: list[float] = field(default_factory=lambda: [0.5, 1.0])  # strong: Gaussian blur sigma (voxels)
+    blur_prob: float = 0.2
+
+
+@dataclass
+class DataConfig(PreprocessConfig):
+    datalist: str = ""                 # decathlon-style JSON, or a folder of scans
+    datalist_key: str = "training"
+    crops_per_volume: int = 2          # random crops drawn from one cached volume per epoch
+    cache_dir: str = ""                # the store of preprocessed volumes (`sslkit data prepare --out`); default
+                                       # <run_dir>/../.cache/sslkit, prepared on first use
+    store_dtype: str = "float16"       # float16 | int16 (quantised per volume) | float32 (exact)
+    views: ViewConfig = field(default_factory=ViewConfig)
+    # with_labels: entries must carry "label"; label maps are resampled on the image grid (nearest), cached next to
+    # the image and cut with the image crop's window; batches gain "label" (B, 1, *roi) int64, 0 where padded
+    with_labels: bool = False
 
 
 @dataclass
@@ -92,23 +140,42 @@ class MonitorConfig:
 
 
 @dataclass
+class MlflowConfig:
+    tracking_uri: str = ""             # "" : MLflow's default (./mlruns); e.g. sqlite:///mlflow.db, http://host:5000
+    experiment: str = "sslkit"
+    run_name: str = ""                 # "" : the run directory's name
+
+
+@dataclass
+class WandbConfig:
+    project: str = "sslkit"
+    mode: str = "offline"              # offline | online | disabled
+    entity: str = ""
+    dir: str = ""                      # "" : <run_dir>
+
+
+@dataclass
+class LoggingConfig:
+    backends: list[str] = field(default_factory=lambda: ["tensorboard"])  # any of tensorboard, mlflow, wandb
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
 class Config:
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: PretrainTrainConfig = field(default_factory=PretrainTrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     objectives: list[dict] = field(default_factory=lambda: [{"name": "byol", "weight": 1.0}])
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 # --------------------------------------------------------------------------------------------- parsing
-
-
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
 def _coerce(value: Any, tp, key: str):
@@ -220,32 +287,71 @@ def _validate_objectives(specs: list) -> list[dict]:
     return out
 
 
+def check_choice(key: str, value, choices) -> None:
+    """ConfigError naming `key` when `value` is not one of `choices` (with the closest one)."""
+    if value not in choices:
+        close = closest(str(value), [str(c) for c in choices])
+        hint = f"; did you mean '{close}'?" if close else ""
+        raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, choices))}{hint}")
+
+
+def check_shared(train: TrainConfig, optim: OptimConfig, data: PreprocessConfig, model: ModelConfig,
+                 logging: LoggingConfig | None = None, scan_dims: int | None = None) -> None:
+    """Enumerations and ranges of the sections both schemas share (checked when a recipe is read).
+    `scan_dims`: spatial dimensions of the scans (3 when a 2-D model reads slices of volumes)."""
+    check_choice("train.device", train.device, ("auto", "cpu", "cuda"))
+    check_choice("train.nonfinite", train.nonfinite, ("skip", "stop"))
+    for name in ("max_steps", "keep_last"):
+        if getattr(train, name) < (0 if name == "max_steps" else 1):
+            raise ConfigError(f"train.{name}: must be at least 1, got {getattr(train, name)}")
+    if train.grad_clip < 0 or train.ckpt_every < 0 or train.num_workers < 0 or train.threads < 0:
+        raise ConfigError("train.grad_clip, train.ckpt_every, train.num_workers and train.threads must be >= 0")
+    check_choice("optim.name", optim.name, ("adamw", "adam", "sgd"))
+    check_choice("optim.schedule", optim.schedule, ("cosine", "constant", "one_cycle"))
+    if not optim.lr > 0:
+        raise ConfigError(f"optim.lr: must be positive, got {optim.lr}")
+    if optim.weight_decay < 0 or optim.warmup_steps < 0 or not 0 <= optim.min_lr_ratio <= 1:
+        raise ConfigError("optim.weight_decay and optim.warmup_steps must be >= 0, optim.min_lr_ratio in [0, 1]")
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ConfigError(f"optim.betas: needs two values in [0, 1), got {optim.betas}")
+    check_choice("model.spatial_dims", model.spatial_dims, (2, 3))
+    if model.in_channels < 1:
+        raise ConfigError(f"model.in_channels: must be at least 1, got {model.in_channels}")
+    if len(data.roi) != model.spatial_dims or min(data.roi) < 1:
+        raise ConfigError(f"data.roi: needs {model.spatial_dims} positive sizes for model.spatial_dims="
+                          f"{model.spatial_dims}, got {data.roi}")
+    vd = scan_dims or model.spatial_dims
+    if data.spacing and len(data.spacing) != vd:
+        raise ConfigError(f"data.spacing: needs {vd} values (or [] to keep the scan's; a value <= 0 keeps that "
+                          f"axis), got {data.spacing}")
+    check_choice("data.modality", data.modality, ("ct", "mri"))
+    check_choice("data.mri_norm", data.mri_norm, ("percentile", "zscore", "zscore_nonzero"))
+    if len(data.intensity_range) != 2 or data.intensity_range[0] >= data.intensity_range[1]:
+        raise ConfigError(f"data.intensity_range: needs [min, max] with min < max, got {data.intensity_range}")
+    lo_hi = data.mri_percentiles
+    if len(lo_hi) != 2 or not 0 <= lo_hi[0] < lo_hi[1] <= 100:
+        raise ConfigError(f"data.mri_percentiles: needs [low, high] with 0 <= low < high <= 100, got {lo_hi}")
+    if logging is not None:
+        for b in logging.backends:
+            check_choice("logging.backends", b, ("tensorboard", "mlflow", "wandb"))
+        check_choice("logging.wandb.mode", logging.wandb.mode, ("offline", "online", "disabled"))
+
+
 def _check_values(cfg: Config) -> None:
     t = cfg.train
-    if t.precision not in ("fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision: '{t.precision}' is not one of fp32, bf16, fp16")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage: {t.zero_stage} is not one of 0, 1, 2, 3")
+    check_shared(t, cfg.optim, cfg.data, cfg.model, cfg.logging, scan_dims=3)
+    check_choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
+    check_choice("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
     for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}: must be at least 1, got {getattr(t, name)}")
-    if t.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"train.device: '{t.device}' is not one of auto, cpu, cuda")
-    if cfg.data.spatial_dims not in (2, 3) or len(cfg.data.roi) != cfg.data.spatial_dims:
-        raise ConfigError(f"data.roi: needs {cfg.data.spatial_dims} sizes for data.spatial_dims="
-                          f"{cfg.data.spatial_dims}, got {cfg.data.roi}")
-    if cfg.model.spatial_dims != cfg.data.spatial_dims:
-        raise ConfigError(f"model.spatial_dims: {cfg.model.spatial_dims} differs from data.spatial_dims "
-                          f"{cfg.data.spatial_dims}")
-    if cfg.data.modality not in ("ct", "mri", "2d"):
-        raise ConfigError(f"data.modality: '{cfg.data.modality}' is not one of ct, mri, 2d")
+    check_choice("data.views.strength", cfg.data.views.strength, ("basic", "strong"))
     for i, o in enumerate(cfg.objectives):
         if o["name"] == "prompt_segmentation" and o.get("label_key", "label") == "label" and not cfg.data.with_labels:
             raise ConfigError(f"objectives[{i}]: prompt_segmentation needs labelled crops; set data.with_labels: true "
                               f"(and a datalist whose entries carry 'label')")
-    for a in cfg.monitor.alarms:
-        if a.action not in ("warn", "stop", "stop_keep_healthy"):
-            raise ConfigError(f"monitor.alarms: action '{a.action}' is not one of warn, stop, stop_keep_healthy")
+    for i, a in enumerate(cfg.monitor.alarms):
+        check_choice(f"monitor.alarms[{i}].action", a.action, ("warn", "stop", "stop_keep_healthy"))
 
 
 def config_from_dict(raw: dict) -> Config:
@@ -257,21 +363,49 @@ def config_from_dict(raw: dict) -> Config:
     return cfg
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping holding the same key twice (YAML keeps the last one silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node, deep: bool = False):
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        line = key_node.start_mark.line + 1
+        if key in seen:
+            raise ConfigError(f"{loader.name}: key '{key}' appears twice (lines {seen[key]} and {line}); "
+                              "keep one")
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from `path`; ConfigError (one line) for a missing file, bad YAML or a duplicate key."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        loader = _UniqueKeyLoader(p.read_text(encoding="utf-8"))
+        loader.name = str(p)
+        try:
+            raw = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: a recipe must be a YAML mapping")
+    return raw
+
+
 def read_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict:
     """The raw mapping of a YAML recipe (empty for path=None) with `--set` overrides applied, not yet checked."""
-    raw: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{p}: config file not found")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            where = f" (line {line + 1})" if line is not None else ""
-            raise ConfigError(f"{p}: not valid YAML{where}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: a recipe must be a YAML mapping")
+    raw: dict = read_yaml(path) if path is not None else {}
     for o in overrides:
         apply_override(raw, o)
     return raw
@@ -283,5 +417,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    """Write a resolved config (any schema with `to_dict`) as YAML."""
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    """Write a resolved config (any schema with `to_dict`) as YAML, atomically."""
+    from sslkit.run import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -143,7 +143,9 @@ def test_run_directory_contents(accum_runs):
     from sslkit.engine.export import encoder_state
 
     exported = load_file(str(d / "encoder.safetensors"))
-    assert max_abs_diff(exported, encoder_state(d / "checkpoints" / "step_00000004")) == 0.0
+    weights, plan = encoder_state(d / "checkpoints" / "step_00000004")
+    assert max_abs_diff(exported, weights) == 0.0 and plan["encoder"]["name"] == "swin_unetr"
+    assert m["skipped_steps"] == 0 and m["eta_s"] == 0.0 and (d / "plan.json").is_file()
 
 
 def test_exported_encoder_loads_into_monai_swin_unetr(accum_runs):

@@ -68,4 +68,4 @@ def test_probe_command_on_a_checkpoint(collapse_and_healthy):
     assert res.returncode == 0, res.stderr[-2000:]
     stats = json.loads(res.stdout)
     assert stats["checkpoint"].endswith("step_00000010")
-    assert 0.0 < stats["probe/embedding_std"] and stats["probe/rankme"] >= 1.0
+    assert 0.0 < stats["probe/spread"] and stats["probe/centred_rankme"] >= 1.0

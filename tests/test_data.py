@@ -242,13 +242,13 @@ def test_prepare_skips_bad_scans_and_caches(prepared):
     assert [s["path"] for s in skipped] == [items[2]["image"], items[3]["image"]]
     assert "NaN" in skipped[1]["error"] and items[3]["image"] in skipped[1]["error"]
 
-    npys = sorted((tmp / "cache").glob("*.npy"))
-    assert len(npys) == 2
-    mtimes = [p.stat().st_mtime_ns for p in npys]
+    stored = sorted((tmp / "cache").glob("*.b2nd"))  # the store: one compressed array per scan
+    assert len(stored) == 2 and not list((tmp / "cache").glob("*.npy"))
+    mtimes = [p.stat().st_mtime_ns for p in stored]
     again = PretrainDataset(items, _cfg(), tmp / "cache", seed=3, skipped_log=tmp / "skipped.jsonl")
     again.prepare(progress=False)
     assert again.n_preprocessed == 0 and len(again) == len(ds)
-    assert [p.stat().st_mtime_ns for p in npys] == mtimes
+    assert [p.stat().st_mtime_ns for p in stored] == mtimes
     assert len((tmp / "skipped.jsonl").read_text(encoding="utf-8").splitlines()) == 2  # logged once per path
     # a different preprocessing setting is a different cache entry
     other = PretrainDataset(items[:1], _cfg(spacing=[4.0, 4.0, 4.0]), tmp / "cache", seed=3)
@@ -278,21 +278,24 @@ def test_small_volume_padded_and_2d_slices(prepared):
     big = PretrainDataset(items[:1], _cfg(roi=[128, 128, 128], spacing=[4.0, 4.0, 4.0]), tmp / "cache", seed=0)
     x = big.prepare(progress=False)[(0, 0)]["image"]
     assert x.shape == (1, 128, 128, 128) and (x == 0).any()          # zero-padded beyond the volume
-    ds2 = PretrainDataset(items[:2], _cfg(modality="2d", spatial_dims=2, roi=[48, 48], spacing=[3.0, 3.0]),
-                          tmp / "cache", seed=0).prepare(progress=False)
+    ds2 = PretrainDataset(items[:2], _cfg(roi=[48, 48], spacing=[3.0, 3.0, -1.0]), tmp / "cache", seed=0,
+                          spatial_dims=2).prepare(progress=False)
     item = ds2[(3, 2)]
     assert item["view1"].shape == item["view2"].shape == item["image"].shape == (1, 48, 48)
     assert ds2.probe_crops(2).shape == (2, 1, 48, 48)
 
 
 def test_corrupt_cache_substituted_and_logged(prepared, tmp_path):
+    import shutil
+
     ds, items, tmp = prepared
     log = tmp_path / "skipped.jsonl"
-    ds2 = PretrainDataset(items[:2], _cfg(), tmp / "cache", seed=3, skipped_log=log).prepare(progress=False)
-    # point volume 0 at a broken copy of its cache file
-    broken = tmp_path / "broken.npy"
-    broken.write_bytes(b"\x93NUMPY garbage")
-    ds2.volumes[0] = {**ds2.volumes[0], "npy": str(broken)}
+    shutil.copytree(tmp / "cache", tmp_path / "cache")
+    ds2 = PretrainDataset(items[:2], _cfg(), tmp_path / "cache", seed=3, skipped_log=log).prepare(progress=False)
+    # break volume 0's stored array after the dataset opened the store: it is substituted by volume 1
+    stored = ds2.store.image_path(ds2.volumes[0]["key"])
+    with open(stored, "r+b") as f:
+        f.truncate(stored.stat().st_size // 2)
     first = ds2[(0, 0)]
     assert first["image"].shape == (1, 32, 32, 32)
     assert torch.equal(first["image"], ds2[(0, 0)]["image"])

@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import nn
 
-from sslkit.downstream.adapt import adapt, build_model, load_encoder_weights, read_checkpoint
+from sslkit.downstream.adapt import adapt, build_model, encoder_plan, load_encoder, save_model
 from sslkit.downstream.config import downstream_config_from_dict, load_downstream_config
 from sslkit.downstream.metrics import case_metrics
-from sslkit.errors import ConfigError, DataError
+from sslkit.errors import ConfigError, DataError, UserError
 from sslkit.models.registry import register_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +87,23 @@ def _test_threshold(spatial_dims=3, in_channels=1, out_channels=2):
     return _Threshold()
 
 
+def threshold_model_file(cfg, path: Path) -> Path:
+    """A fine-tuned-model file of the weightless threshold segmenter (its plan and config in the metadata)."""
+    from sslkit.downstream.from_plan import segmenter_plan
+
+    save_model(build_model(cfg), cfg, segmenter_plan(cfg, None, {}), path)
+    return path
+
+
+def last_checkpoint_weights(run: Path) -> tuple[int, dict]:
+    """(step, model weights) of a fine-tuning run's newest checkpoint."""
+    from sslkit.plan import read_weights
+    from sslkit.run import newest_valid_checkpoint
+
+    ck = newest_valid_checkpoint(run / "checkpoints")
+    return int(ck.name.split("_")[1]), read_weights(ck / "model.safetensors")[0]
+
+
 def _oblique_scan(tmp: Path) -> tuple[Path, np.ndarray]:
     """MNI152 T1 voxels with an anisotropic, axis-permuted, LPS-style (x, y flipped) affine."""
     from nilearn import datasets
@@ -112,8 +129,7 @@ def test_predict_returns_original_geometry(tmp_path):
         "data": {"layout": "datalist", "root": "unused.json", "spacing": [2.0, 2.0, 2.0], "modality": "ct",
                  "intensity_range": [0.0, 1000.0], "roi": [32, 32, 32], "crop_foreground": True},
         "model": {"name": "_test_threshold"}, "train": {"sw_overlap": 0.25}})
-    ck = tmp_path / "best.pt"
-    torch.save({"model": {}, "config": cfg.to_dict(), "step": 0}, str(ck))
+    ck = threshold_model_file(cfg, tmp_path / "model.safetensors")
     out = predict(ck, src, tmp_path / "pred", device="cpu")
     seg = nib.load(str(out[0]))
     ref = nib.load(str(src))
@@ -141,15 +157,15 @@ def test_predict_returns_original_geometry(tmp_path):
 # ------------------------------------------------------------------------------------ encoder weights
 
 
-def _tiny_cfg(tmp_path: Path, **train) -> dict:
+def _tiny_cfg(tmp_path: Path, schedule: str = "constant", **train) -> dict:
     return {
         "data": {"layout": "mni_gm_wm", "root": str(ROOT / ".cache" / "sslkit" / "demo_mni_gm_wm"),
                  "num_classes": 3, "spacing": [2.0, 2.0], "modality": "mri", "roi": [64, 64],
                  "samples_per_volume": 1, "flip_prob": 0.0, "rot90_prob": 0.0},
         "model": {"name": "swin_unetr", "spatial_dims": 2,
                   "args": {"feature_size": 12, "window_size": 4, "depths": [1, 1, 1, 1]}},
-        "train": {"max_steps": 3, "batch_size": 2, "lr": 1e-3, "val_every": 3, "val_cases": 1, "threads": 2,
-                  **train},
+        "train": {"max_steps": 3, "batch_size": 2, "val_every": 3, "val_cases": 1, "threads": 2, **train},
+        "optim": {"lr": 1e-3, "schedule": schedule},
     }
 
 
@@ -168,31 +184,33 @@ def test_encoder_weights_load_strictly_and_frozen_stays_frozen(tmp_path):
     save_file(donor, str(run / "encoder.safetensors"))
 
     model = build_model(cfg)
-    load_encoder_weights(model, run)  # a run dir
+    plan, path = encoder_plan(run)  # a run dir
+    assert plan is None and path == run / "encoder.safetensors"
+    assert "tensors mapped" in load_encoder(model, path)
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(v, donor[k])
     # the shared MONAI net sees the same tensors
     assert torch.equal(model.net.swinViT.patch_embed.proj.weight, donor["swinViT.patch_embed.proj.weight"])
 
     bad = dict(donor, extra_key=torch.zeros(1))
-    bad.pop("swinViT.patch_embed.proj.weight")
+    bad.pop("swinViT.layers1.0.blocks.0.norm1.weight")
     save_file(bad, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(ConfigError, match="missing 1: swinViT.patch_embed.proj.weight.*unexpected 1: extra_key"):
-        load_encoder_weights(build_model(cfg), tmp_path / "bad.safetensors")
+    with pytest.raises(UserError, match="missing 1: swinViT.layers1.0.blocks.0.norm1.weight"):
+        load_encoder(build_model(cfg), tmp_path / "bad.safetensors")
 
     # frozen encoder: encoder bitwise unchanged after training, decoder changed
     raw["adapt"] = {"mode": "frozen_encoder"}
     fcfg = downstream_config_from_dict(raw)
     finetune(fcfg, tmp_path / "frozen", encoder_path=str(run / "encoder.safetensors"), progress=False)
-    ck = read_checkpoint(tmp_path / "frozen" / "checkpoints" / "last.pt")
-    assert ck["step"] == 3
-    enc = {k[len("encoder."):]: v for k, v in ck["model"].items() if k.startswith("encoder.")}
+    step, weights = last_checkpoint_weights(tmp_path / "frozen")
+    assert step == 3
+    enc = {k[len("encoder."):]: v for k, v in weights.items() if k.startswith("encoder.")}
     assert enc.keys() == donor.keys()
     assert all(torch.equal(enc[k], donor[k]) for k in donor)
     torch.manual_seed(fcfg.train.seed)
     init = build_model(fcfg).state_dict()  # finetune builds its model right after seeding
-    dec = [k for k in ck["model"] if not k.startswith(("encoder.", "net.swinViT."))]
-    assert any(not torch.equal(ck["model"][k], init[k]) for k in dec)
+    dec = [k for k in weights if not k.startswith(("encoder.", "net.swinViT."))]
+    assert any(not torch.equal(weights[k], init[k]) for k in dec)
 
     # full mode: the encoder trains too
     full = adapt(build_model(cfg), cfg.adapt, 1e-3)
@@ -216,8 +234,10 @@ def test_finetune_demo_reaches_dice_then_evaluate_compare_resume(tmp_path):
     out = finetune(cfg, run, progress=False)
     assert out["best_dice"] > 0.6, out  # held-out mean Dice (GM, WM) after 60 steps; measured 0.70
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 61))
-    assert (run / "checkpoints" / "best.pt").is_file() and (run / "config.yaml").is_file()
+    assert [r["step"] for r in rows] == list(range(1, 61))  # one row per optimizer step
+    assert rows[-1]["val_mean_dice"] == pytest.approx(out["best_dice"]) and "eta_s" in rows[0]
+    assert (run / "model.safetensors").is_file() and (run / "config.yaml").is_file()
+    assert any((run / "tb").iterdir())  # TensorBoard, as in pretraining
 
     summary = evaluate(run, device="cpu", max_cases=6)
     assert summary["mean_dice"] == pytest.approx(out["best_dice"], abs=1e-6)
@@ -227,9 +247,11 @@ def test_finetune_demo_reaches_dice_then_evaluate_compare_resume(tmp_path):
     md = compare([run, run], tmp_path / "cmp.md")
     assert "white_matter" in md.read_text(encoding="utf-8") and md.with_suffix(".csv").is_file()
 
-    # resume="auto" refuses a different config, and a finished run has nothing left to do
-    cfg2 = load_downstream_config(DEMO_2D, over[1:] + ["train.max_steps=64"])
-    with pytest.raises(ConfigError, match="different config"):
+    # a new run refuses the directory; resume="auto" refuses another recipe; a finished run has nothing left to do
+    with pytest.raises(UserError, match="already holds a run with checkpoints"):
+        finetune(cfg, run, progress=False)
+    cfg2 = load_downstream_config(DEMO_2D, over + ["optim.lr=0.01"])
+    with pytest.raises(UserError, match="another recipe: optim.lr"):
         finetune(cfg2, run, resume="auto", progress=False)
     out2 = finetune(load_downstream_config(DEMO_2D, over), run, resume="auto", progress=False)
     assert out2["steps"] == 60  # already done: nothing more to train
@@ -282,6 +304,16 @@ def test_btcv_split_and_num_labelled(tmp_path):
     cfg.data.num_labelled = 3
     t3, v3 = list_cases(cfg.data)
     assert len(t3) == 3 and v3 == val and t3 == list_cases(cfg.data)[0]  # seeded
+    cfg.data.num_labelled = 1
+    t1 = list_cases(cfg.data)[0]
+    cfg.data.num_labelled = 7
+    t7 = list_cases(cfg.data)[0]
+    assert t1[0] in t3 and all(c in t7 for c in t3)  # nested budgets: 1 in 3 in 7
+    cfg.data.num_labelled = 25
+    with pytest.raises(DataError, match="num_labelled: 25 is more than the 24 training cases"):
+        list_cases(cfg.data)
+    cfg.data.num_labelled = 24
+    assert len(list_cases(cfg.data)[0]) == 24  # every case, with a warning line
 
 
 def test_predict_dicom_series_keeps_series_geometry(tmp_path):
@@ -316,8 +348,7 @@ def test_predict_dicom_series_keeps_series_geometry(tmp_path):
     cfg = downstream_config_from_dict({
         "data": {"layout": "datalist", "root": "unused.json", "spacing": [2.0, 2.0, 2.0], "modality": "ct",
                  "intensity_range": [0.0, 1000.0], "roi": [32, 32, 32]}, "model": {"name": "_test_threshold"}})
-    ck = tmp_path / "best.pt"
-    torch.save({"model": {}, "config": cfg.to_dict(), "step": 0}, str(ck))
+    ck = threshold_model_file(cfg, tmp_path / "model.safetensors")
     out = predict(ck, dcm, tmp_path / "pred", device="cpu")
     r = sitk.ImageSeriesReader()
     r.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(dcm)))
@@ -335,32 +366,32 @@ def test_finetune_resumes_mid_run_exactly(tmp_path, monkeypatch, schedule):
     """A fine-tuning run that dies right after its step-2 checkpoint resumes to the same weights, optimizer
     state, lr schedule and metrics as an uninterrupted run."""
     import sslkit.downstream.train as T
+    import sslkit.run as R
 
-    raw = _tiny_cfg(tmp_path, max_steps=4, val_every=2, lr_schedule=schedule)
-    cfg = downstream_config_from_dict(raw)
+    cfg = downstream_config_from_dict(_tiny_cfg(tmp_path, schedule, max_steps=4, val_every=2))
     T.finetune(cfg, tmp_path / "full", progress=False)
 
     class Crash(Exception):
         pass
 
-    real_save = T.atomic_save
+    real_finish = R.finish_checkpoint
 
-    def save_then_crash(obj, path):
-        real_save(obj, path)
-        if path.name == "last.pt" and obj.get("step") == 2:
+    def finish_then_crash(tmp, step, *a, **k):
+        out = real_finish(tmp, step, *a, **k)
+        if step == 2:
             raise Crash
+        return out
 
-    monkeypatch.setattr(T, "atomic_save", save_then_crash)
+    monkeypatch.setattr(R, "finish_checkpoint", finish_then_crash)
     with pytest.raises(Crash):
         T.finetune(cfg, tmp_path / "cut", progress=False)
-    monkeypatch.setattr(T, "atomic_save", real_save)
-    assert read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")["step"] == 2
+    monkeypatch.setattr(R, "finish_checkpoint", real_finish)
+    assert last_checkpoint_weights(tmp_path / "cut")[0] == 2
     T.finetune(cfg, tmp_path / "cut", resume="auto", progress=False)
 
-    a = read_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
-    b = read_checkpoint(tmp_path / "cut" / "checkpoints" / "last.pt")
-    assert a["step"] == b["step"] == 4
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    (sa, a), (sb, b) = last_checkpoint_weights(tmp_path / "full"), last_checkpoint_weights(tmp_path / "cut")
+    assert sa == sb == 4
+    assert all(torch.equal(a[k], b[k]) for k in a)
     rows = lambda d: [ln for ln in (d / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()]
-    strip = lambda r: {k: v for k, v in json.loads(r).items() if k not in ("time", "step_time", "samples_per_s")}
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if k not in ("eta_s", "step_time", "samples_per_s")}
     assert [strip(r) for r in rows(tmp_path / "full")] == [strip(r) for r in rows(tmp_path / "cut")]

@@ -55,8 +55,8 @@ def _find_window(volume: np.ndarray, crop: np.ndarray) -> tuple[int, ...]:
 
 def test_label_crops_follow_the_image_window(mni, tmp_path):
     ds = PretrainDataset([mni], _cfg(), tmp_path / "cache", seed=5).prepare(progress=False)
-    image, label = np.load(ds.volumes[0]["npy"]), np.load(ds.volumes[0]["label_npy"])
-    assert label.shape == image.shape and label.dtype == np.int32
+    image, label = ds.stored_volume(0), ds.stored_label(0)  # as the dataset reads them from its store
+    assert label.shape == image.shape and label.dtype == np.int64
     assert set(np.unique(label).tolist()) == {0, 1, 2}
     # the map lies on the image: in a T1, white matter is brighter than grey matter, grey than the rest
     means = [float(image[label == c].mean()) for c in (0, 1, 2)]
@@ -79,9 +79,9 @@ def test_label_crops_follow_the_image_window(mni, tmp_path):
     assert item["label"].sum() == int(label.sum()) and (item["image"][:, x:] == 0).all()
 
     # 2-D: the label is cut from the same axial slice and window
-    ds2 = PretrainDataset([mni], _cfg(spatial_dims=2, roi=[48, 48], spacing=[2.0, 2.0]), tmp_path / "cache",
-                          seed=1).prepare(progress=False)
-    img2, lab2 = np.load(ds2.volumes[0]["npy"]), np.load(ds2.volumes[0]["label_npy"])
+    ds2 = PretrainDataset([mni], _cfg(roi=[48, 48], spacing=[2.0, 2.0, -1.0]), tmp_path / "cache",
+                          seed=1, spatial_dims=2).prepare(progress=False)
+    img2, lab2 = ds2.stored_volume(0), ds2.stored_label(0)
     item = ds2[(1, 3)]
     assert item["label"].shape == (1, 48, 48)
     a, b, z = _find_window(img2, item["image"].numpy())
@@ -99,8 +99,8 @@ def test_an_edited_label_is_cached_again(mni, tmp_path):
     edited[edited == 2] = 1                                                          # white matter -> grey
     nib.save(nib.Nifti1Image(edited, lab.affine, lab.header), str(copy))
     again = PretrainDataset([entry], _cfg(), tmp_path / "cache", seed=0).prepare(progress=False)
-    assert again.n_preprocessed == 1 and again.volumes[0]["label_npy"] != first.volumes[0]["label_npy"]
-    assert set(np.unique(np.load(again.volumes[0]["label_npy"])).tolist()) == {0, 1}
+    assert again.n_preprocessed == 1 and again.volumes[0]["key"] != first.volumes[0]["key"]
+    assert set(np.unique(again.stored_label(0)).tolist()) == {0, 1}
 
 
 def test_bad_labelled_entries_are_skipped_and_recorded(mni, tmp_path):

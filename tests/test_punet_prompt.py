@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli
 from safetensors.torch import save_file
 
-from sslkit.downstream.adapt import adapt, build_model, read_checkpoint
+from sslkit.downstream.adapt import adapt, build_model
 from sslkit.downstream.config import load_downstream_config
 from sslkit.errors import ConfigError
 from sslkit.models.punet import prompt_parameters
@@ -25,7 +25,7 @@ def _expected_prompt_values(net, c0: int) -> int:
 def test_prompt_mode_trains_exactly_the_new_class_prompts():
     cfg = load_downstream_config(RECIPE)
     model = build_model(cfg)
-    a = adapt(model, cfg.adapt, cfg.train.lr)
+    a = adapt(model, cfg.adapt, cfg.optim.lr)
     net = model.encoder
     layers = net.prompt_attention_layers()
     assert len(layers) == 2 * (5 + 4)  # W and SW sub-blocks of 5 encoder + 4 decoder stages
@@ -70,7 +70,9 @@ def test_prompt_tuning_leaves_everything_else_bitwise_unchanged(tmp_path, demo_d
 
     out = finetune(cfg, tmp_path / "run", encoder_path=str(tmp_path / "encoder.safetensors"), progress=False)
     assert out["steps"] == 6
-    after = read_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    from test_downstream import last_checkpoint_weights
+
+    after = last_checkpoint_weights(tmp_path / "run")[1]
     probe = build_model(cfg)
     names = {id(p): n for n, p in probe.named_parameters()}
     tuned = {names[id(p)] for p in prompt_parameters(probe, 2)}
@@ -79,7 +81,7 @@ def test_prompt_tuning_leaves_everything_else_bitwise_unchanged(tmp_path, demo_d
     assert changed == tuned  # every prompt tensor of class 2 moved, nothing else did (buffers included)
 
     lrs = [r["lr"] for r in _rows(tmp_path / "run") if "lr" in r]
-    assert lrs[0] == pytest.approx(cfg.train.lr / 25) and max(lrs) <= cfg.train.lr  # one-cycle warm-up
+    assert lrs[0] == pytest.approx(cfg.optim.lr / 25) and max(lrs) <= cfg.optim.lr  # one-cycle warm-up
 
 
 def _rows(run):

@@ -19,7 +19,7 @@ from sslkit.errors import ConfigError
 from sslkit.models import build_encoder, build_segmenter
 from sslkit.models.sam import (SAMImageEncoder, adapter_parameters, add_adapters, build_sam_encoder,
                                freeze_all_but_adapters, load_sam_checkpoint, sam_vit)
-from sslkit.models.sam_heads import HEADS, AutoSAMDecoder, ce_dice_loss
+from sslkit.models.sam_heads import HEADS, AutoSAMDecoder
 
 CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 TINY = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,), window_size=4)
@@ -237,9 +237,12 @@ def test_each_head_learns_on_real_slices_with_a_frozen_tiny_encoder(head):
     assert not any(p.requires_grad for p in model.encoder.parameters())
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-4, betas=(0.5, 0.999))
     model.train()
+    from monai.losses import DiceCELoss
+
+    ce_dice = DiceCELoss(to_onehot_y=True, softmax=True)  # the paper's CE + soft Dice, as `sslkit finetune` uses
     losses = []
     for _ in range(8):
-        loss = ce_dice_loss(model(x), y)
+        loss = ce_dice(model(x), y[:, None])
         opt.zero_grad()
         loss.backward()
         opt.step()

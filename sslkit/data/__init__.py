@@ -1,15 +1,35 @@
-"""sslkit.data: readers, datalists, MONAI preprocessing presets, SSL pretraining dataset, demo corpus."""
+"""sslkit.data: readers, datalists, the one preprocessing stack, the store of preprocessed volumes, the SSL
+pretraining dataset, the demo corpus.
 
-from sslkit.data.datalist import index_folder, load_datalist, write_datalist
-from sslkit.data.demo import build_demo_corpus
-from sslkit.data.pretrain import PretrainDataset, cache_key
-from sslkit.data.readers import Scan, is_dicom_series_dir, load_scan, validate
-from sslkit.data.transforms import LoadScand, preprocess_transforms, preprocessing_params
+Names are imported on first use (PEP 562), so `import sslkit.data.store` or `sslkit.data.multicrop` does not pull in
+MONAI, and `sslkit data prepare --help` answers at once.
+"""
 
-__all__ = [
-    "Scan", "load_scan", "validate", "is_dicom_series_dir",
-    "load_datalist", "index_folder", "write_datalist",
-    "LoadScand", "preprocess_transforms", "preprocessing_params",
-    "PretrainDataset", "cache_key",
-    "build_demo_corpus",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Scan": "readers", "load_scan": "readers", "validate": "readers", "is_dicom_series_dir": "readers",
+    "load_datalist": "datalist", "index_folder": "datalist", "write_datalist": "datalist",
+    "LoadScand": "preprocess", "preprocess_transforms": "preprocess", "preprocessing_params": "preprocess",
+    "PretrainDataset": "pretrain", "cache_key": "pretrain",
+    "VolumeStore": "store",
+    "prepare_store": "prepare",
+    "build_demo_corpus": "demo",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sslkit.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"sslkit.data.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from sslkit.data.readers import SCAN_SUFFIXES, has_suffix, is_dicom_file
+from sslkit.data.readers import SCAN_SUFFIXES, check_dicom_series, has_suffix, is_dicom_file, warn_once
 from sslkit.errors import DataError
 
 PATH_KEYS = ("image", "label")
@@ -31,13 +31,19 @@ def _is_label_path(path: Path, root: Path) -> bool:
     return stem.endswith(_LABEL_STEM_SUFFIXES)
 
 
-def index_folder(root: str | Path) -> list[dict]:
+def index_folder(root: str | Path, check_series: bool = True, warn=None) -> list[dict]:
     """Find scans under `root`: files ending .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd, and folders holding DICOM
     files (one entry per folder, i.e. per series). Label-looking files (under labels*/masks* folders, or named
-    *_label/*_seg/*_mask) are left out. Returns sorted `[{"image": absolute path}, ...]`."""
+    *_label/*_seg/*_mask) are left out. Returns sorted `[{"image": absolute path}, ...]`.
+
+    check_series: each DICOM folder's headers are checked (`readers.check_dicom_series`); a folder the readers
+    would refuse (missing slices, two images at one position, ...) is left out, and every problem or documented
+    choice (several series in one folder, duplicate copies) is one line through `warn` (default: an
+    `sslkit: warning:` line on stderr)."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
+    say = warn or warn_once
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -50,9 +56,21 @@ def index_folder(root: str | Path) -> list[dict]:
                     found.append(f)
             elif not dicom_here and name.upper() != "DICOMDIR" and is_dicom_file(f):
                 dicom_here = True
-        if dicom_here:
+        if dicom_here and (not check_series or _usable_series(d, say)):
             found.append(d)
     return [{"image": str(p)} for p in sorted(found)]
+
+
+def _usable_series(folder: Path, say) -> bool:
+    """True when the readers would read this DICOM folder; its warnings (or why not) go through `say`."""
+    try:
+        series = check_dicom_series(folder)
+    except DataError as e:
+        say(f"{e}; left out")
+        return False
+    for line in series.warnings:
+        say(line)
+    return True
 
 
 def _resolve(entry, base: Path, where: str) -> dict:

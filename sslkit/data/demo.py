@@ -18,6 +18,9 @@ Contents of `<out_dir>` (all gzip NIfTI, RAS affines with the true voxel spacing
                           MNI152 T1 + grey / white matter pair only: one label meaning, for `data.with_labels`
                           pretraining), "labelled_ct_head" (the head CT + bone / soft tissue pair only), "dicom" (the DICOM series folder and its conversion).
 InVesalius CT and Colin27 are required; the other sources are skipped when absent.
+
+Downstream demo layouts are written from the same sources (`build_mni_gm_wm`, `build_mni_acdc`,
+`build_ct_head_halves`): one scan split at the midline into a left half (training) and a right half (validation).
 """
 
 from __future__ import annotations
@@ -132,6 +135,8 @@ def _colin27(out: Path) -> tuple[Path, Path | None]:
 
 
 def _mni152(out: Path) -> tuple[Path, Path] | None:
+    """nilearn's bundled MNI152 2009a T1 (1 mm) and its grey / white matter label map (argmax of the bundled GM /
+    WM probability maps against background); None when nilearn is not installed."""
     try:
         from nilearn import datasets
         t1 = datasets.load_mni152_template(resolution=1)
@@ -142,6 +147,7 @@ def _mni152(out: Path) -> tuple[Path, Path] | None:
     arr = np.asarray(t1.dataobj, dtype=np.float32)
     probs = np.stack([np.clip(1.0 - gm - wm, 0, 1), gm, wm])         # (3, X, Y, Z): bg, GM, WM
     label = np.argmax(probs, axis=0).astype(np.uint8)
+    out.mkdir(parents=True, exist_ok=True)
     return (_save_nifti(arr, np.asarray(t1.affine), out / "mri_mni152_t1.nii.gz"),
             _save_nifti(label, np.asarray(t1.affine), out / "mri_mni152_gmwm.nii.gz"))
 
@@ -239,3 +245,148 @@ def build_demo_corpus(out_dir: Path) -> Path:
     doc = {"name": "sslkit demo corpus", "description": __doc__.split("\n\n")[0],
            "training": training, "labelled": labelled, **_label_subsets(labelled), "dicom": dicom}
     return write_datalist(doc, out / DATALIST_NAME, base_dir=out)
+
+
+# ------------------------------------------------------------------------------------ downstream demo layouts
+
+
+def _write_halves(img: np.ndarray, seg: np.ndarray, aff: np.ndarray, mid: int, files: dict) -> None:
+    """Split a volume at voxel x = mid into left / right NIfTI image + label files (affines keep world
+    positions). files: {"left": (image path, label path), "right": (...)}."""
+    for side, (sl, start) in {"left": (slice(0, mid), 0), "right": (slice(mid, img.shape[0]), mid)}.items():
+        a = aff.copy()
+        a[:3, 3] = aff[:3, :3] @ [start, 0, 0] + aff[:3, 3]
+        _save_nifti(np.ascontiguousarray(img[sl]), a, files[side][0])
+        _save_nifti(np.ascontiguousarray(seg[sl]), a, files[side][1])
+
+
+def _halves(image: Path, label: Path, out: Path, stem: str, mid: int | None = None) -> tuple[list[dict], list[dict]]:
+    """([left half case], [right half case]) of an image / label pair, written once under `out`. `mid`: the
+    voxel x of the split (default: world x = 0 when the volume spans it, else the middle)."""
+    import nibabel as nib
+
+    files = {side: (out / f"{stem}_{side}.nii.gz", out / f"{stem}_{side}_label.nii.gz") for side in ("left", "right")}
+    if not all(f.is_file() for pair in files.values() for f in pair):
+        out.mkdir(parents=True, exist_ok=True)
+        img, lab = nib.load(str(image)), nib.load(str(label))
+        arr = np.asarray(img.dataobj)
+        if mid is None:
+            x0 = int(round(np.linalg.solve(img.affine, [0, 0, 0, 1])[0]))
+            mid = x0 if 0 < x0 < arr.shape[0] else arr.shape[0] // 2
+        _write_halves(arr, np.asarray(lab.dataobj).astype(np.uint8), img.affine, mid, files)
+    return ([{"image": str(files["left"][0]), "label": str(files["left"][1])}],
+            [{"image": str(files["right"][0]), "label": str(files["right"][1])}])
+
+
+def build_mni_gm_wm(root: str | Path, spatial_dims: int = 3) -> tuple[list[dict], list[dict]]:
+    """The MNI152 grey / white matter demo under `root` (idempotent, no network): the corpus's 1 mm MNI152 T1 and
+    label map (`mri_mni152_t1.nii.gz` / `mri_mni152_gmwm.nii.gz`, written by nilearn's bundled template when `root`
+    lacks them), split at the midline into the left hemisphere (training) and the right one (validation).
+
+    spatial_dims=2: axial slices of each hemisphere (every 6th slice from z 36 to 150; validation slices sit at
+    other z positions of the other hemisphere)."""
+    root = Path(root)
+    image, label = root / "mri_mni152_t1.nii.gz", root / "mri_mni152_gmwm.nii.gz"
+    if not (image.is_file() and label.is_file()) and _mni152(root) is None:
+        raise DataError(f"{root}: no mri_mni152_t1.nii.gz / mri_mni152_gmwm.nii.gz and nilearn is not installed "
+                        "(pip install nilearn, or build the demo corpus with `sslkit data demo`)")
+    train, val = _halves(image, label, root / "halves", "mni")
+    if spatial_dims == 2:
+        return _axial_slices(train[0], root / "slices_left", 0), _axial_slices(val[0], root / "slices_right", 3)
+    return train, val
+
+
+def _axial_slices(case: dict, out: Path, offset: int, every: int = 6, lo: int = 36, hi: int = 150) -> list[dict]:
+    """2-D demo: every `every`-th axial slice z in [lo, hi) (+offset) as 2-D NIfTI image / label pairs."""
+    import nibabel as nib
+
+    img, seg = nib.load(case["image"]), nib.load(case["label"])
+    cases = []
+    out.mkdir(parents=True, exist_ok=True)
+    aff = np.eye(4)
+    aff[:2, :2], aff[:2, 3] = img.affine[:2, :2], img.affine[:2, 3]
+    for z in range(lo + offset, hi, every):
+        fi, fl = out / f"img_z{z:03d}.nii.gz", out / f"seg_z{z:03d}.nii.gz"
+        if not (fi.is_file() and fl.is_file()):
+            _save_nifti(np.asarray(img.dataobj[:, :, z], np.float32), aff, fi)
+            _save_nifti(np.asarray(seg.dataobj[:, :, z], np.uint8), aff, fl)
+        cases.append({"image": str(fi), "label": str(fl)})
+    return cases
+
+
+def build_mni_acdc(root: str | Path) -> Path:
+    """The MNI GM/WM demo in the ACDC layout: training/patient001 = left hemisphere, testing/patient002 = right
+    (one frame each, labels 1 grey / 2 white matter). Idempotent."""
+    root = Path(root)
+    (train,), (val,) = build_mni_gm_wm(root / "source", 3)
+    for split, pid, case in (("training", "patient001", train), ("testing", "patient002", val)):
+        d = root / split / pid
+        d.mkdir(parents=True, exist_ok=True)
+        for key, suffix in (("image", ""), ("label", "_gt")):
+            dst = d / f"{pid}_frame01{suffix}.nii.gz"
+            if not dst.is_file():
+                shutil.copyfile(case[key], dst)
+    return root
+
+
+def build_ct_head_halves(corpus: str | Path) -> tuple[list[dict], list[dict]]:
+    """Demo: the demo corpus's head CT (`sslkit data demo` folder) split into a left half (train) and a right
+    half (validation) under `corpus`/halves/; labels 1 bone, 2 soft tissue. Idempotent."""
+    corpus = Path(corpus)
+    src_img, src_lab = corpus / "ct_head.nii.gz", corpus / "ct_head_label.nii.gz"
+    if not (src_img.is_file() and src_lab.is_file()):
+        raise DataError(f"{corpus}: no ct_head.nii.gz / ct_head_label.nii.gz (build it with `sslkit data demo`)")
+    import nibabel as nib
+
+    return _halves(src_img, src_lab, corpus / "halves", "ct_head", mid=nib.load(str(src_img)).shape[0] // 2)
+
+
+# ------------------------------------------------------------------------------------ label-efficiency demo
+
+MNI_SLABS_DIR = "mni_slabs"
+
+
+def _slab_bounds(label: np.ndarray, n_slabs: int) -> list[tuple[int, int]]:
+    """n_slabs consecutive [z0, z1) ranges of equal thickness (+-1 voxel) covering the labelled z extent."""
+    zs = np.nonzero(label.any(axis=(0, 1)))[0]
+    edges = np.linspace(int(zs.min()), int(zs.max()) + 1, n_slabs + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def build_mni_slabs(root: str | Path, n_slabs: int = 6) -> Path:
+    """The label-efficiency demo (`sslkit study`) under `root` (the demo corpus; idempotent, no network); returns
+    the path of its datalist, `root`/mni_slabs/datalist.json (layout `datalist`).
+
+    Training: the MNI152 T1's left hemisphere (written by `build_mni_gm_wm`, 1 mm, labels 1 grey / 2 white matter)
+    cut into `n_slabs` axial slabs of equal thickness over the labelled z extent (6 slabs: about 25.5 mm each),
+    each slab one training case with its world position kept in its affine. Validation: the whole right
+    hemisphere. What a budget of n cases means here: n slabs of one (average-template) brain, not n subjects; the
+    right hemisphere is a near mirror image of the left, so the study measures how well a model fitted on part of
+    one hemisphere labels the other, not cross-subject generalisation. Each slab is intensity-normalised on its
+    own by the plan's scheme (as every case is), so slab and hemisphere statistics differ a little."""
+    import nibabel as nib
+
+    if n_slabs < 2:
+        raise DataError(f"{root}: the slab demo needs at least 2 slabs, got {n_slabs}")
+    root = Path(root).expanduser().resolve()
+    out = root / MNI_SLABS_DIR
+    datalist = out / DATALIST_NAME
+    (left,), (right,) = build_mni_gm_wm(root, 3)
+    img, seg = nib.load(left["image"]), nib.load(left["label"])
+    arr, lab = np.asarray(img.dataobj), np.asarray(seg.dataobj).astype(np.uint8)
+    training = []
+    for i, (z0, z1) in enumerate(_slab_bounds(lab, n_slabs), start=1):
+        stem = f"slab{i}_z{z0:03d}-{z1:03d}"
+        files = (out / f"{stem}.nii.gz", out / f"{stem}_label.nii.gz")
+        if not all(f.is_file() for f in files):
+            out.mkdir(parents=True, exist_ok=True)
+            aff = img.affine.copy()
+            aff[:3, 3] = img.affine[:3, :3] @ [0, 0, z0] + img.affine[:3, 3]
+            _save_nifti(np.ascontiguousarray(arr[:, :, z0:z1]), aff, files[0])
+            _save_nifti(np.ascontiguousarray(lab[:, :, z0:z1]), aff, files[1])
+        training.append({"image": str(files[0]), "label": str(files[1])})
+    doc = {"name": "MNI152 GM/WM slabs",
+           "description": f"{n_slabs} axial slabs of the MNI152 T1 left hemisphere (training cases) and the right "
+                          "hemisphere (validation); labels 0 background, 1 grey matter, 2 white matter",
+           "training": training, "validation": [right]}
+    return write_datalist(doc, datalist)

@@ -1,22 +1,31 @@
-"""Self-supervised pretraining dataset: cached preprocessed volumes -> deterministic random crops + two views.
+"""Self-supervised pretraining dataset: the store of preprocessed volumes -> deterministic crops, views, VoCo samples.
 
-`prepare()` preprocesses every scan once (MONAI preset from `transforms.py`) and stores it as
-`<cache_dir>/<key>.npy` (float32, (C, X, Y, Z)) + `<key>.json`; the key hashes the absolute path, size, mtime
-and the preprocessing parameters, so later epochs and runs only memory-map the arrays. Items are addressed by
-`(index, epoch)`; all randomness comes from `numpy.random.default_rng([seed, epoch, index, stream])`, so a
-resumed run sees exactly the same crops and views.
+Preparation: every datalist entry is preprocessed once by `prepare_entry` (the one preprocessing stack,
+`sslkit.data.preprocess`; `sslkit data prepare` calls the same function) and written to a `VolumeStore`
+(`sslkit.data.store`: blosc2, `data.store_dtype` float16 | int16 | float32, chunks and blocks sized to the crop) in
+`data.cache_dir` under its cache key. The key hashes the absolute path, size, mtime, the preprocessing parameters,
+the store dtype and, with labels, the label's path, size and mtime, so later epochs and runs only read crops.
+
+Items are addressed by `(index, epoch)`; all randomness comes from `numpy.random.default_rng([seed, epoch, index,
+stream])`, so a resumed run sees exactly the same crops and views. Every crop reads only its window from the store
+(`read_crop`): the image crop, the second view's shifted window, the label window, a VoCo region; 2-D runs read an
+axial slice window (sizes (h, w, 1)).
 
 With `data.with_labels` every entry's "label" map is preprocessed together with its image (same geometry, nearest
-neighbour) and cached as `<key>.label.npy` (int32, (1, X, Y, Z)); the key then also hashes the label's path, size
-and mtime. Each item's "label" is cut with exactly the window of its "image" crop.
+neighbour) and stored with it (exactly, as integers); each item's "label" is cut with the window of its "image" crop.
+
+Data requests (what the objectives need, `Objective.data_requests()` merged by `Composite`; None means views):
+    {"views": {}}                          "image", "view1", "view2" (and "label")
+    {"voco": {"grid": n, "n_random": R}}   "voco_base" (G, C, *roi), "voco_random" (R, C, *roi),
+                                           "voco_targets" (R, G) (`sslkit.data.multicrop`), G = n * n, and the
+                                           crops' start corners "voco_base_starts" (G, dims), "voco_random_starts"
+                                           (R, dims) int64; one item is one volume's sample.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +33,15 @@ import torch
 from torch.utils.data import Dataset
 
 from sslkit.config import DataConfig
-from sslkit.data.transforms import preprocess_transforms, preprocessing_params
-from sslkit.errors import DataError, UserError
+from sslkit.data.multicrop import cut_windows, overlap_targets, voco_region, voco_windows
+from sslkit.data.store import DTYPES, VolumeStore
+from sslkit.errors import ConfigError, DataError, UserError
 
-_CROP, _VIEW1, _VIEW2, _PROBE, _SHIFT = 0, 1, 2, 3, 4  # rng sub-streams
+_CROP, _VIEW1, _VIEW2, _PROBE, _SHIFT, _VOCO = 0, 1, 2, 3, 4, 5  # rng sub-streams
+REQUESTS = ("views", "voco")
+
+
+# ------------------------------------------------------------------------------------------------ keys
 
 
 def _file_stamp(path: Path) -> tuple[int, int]:
@@ -39,15 +53,17 @@ def _file_stamp(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def cache_key(path: str | Path, params: dict, label: str | Path | None = None) -> str:
+def cache_key(path: str | Path, params: dict, label: str | Path | None = None, store_dtype: str | None = None) -> str:
     """sha1 of absolute path + size + mtime + preprocessing params (raises OSError if the path is missing).
     With `label` its absolute path, size and mtime join the hash (DataError if it is missing), so an edited label
-    re-caches; keys without a label are the same as before labels existed."""
+    is stored again; with `store_dtype` the stored dtype does (a float32 run never reads float16 volumes)."""
     p = Path(path).resolve()
     size, mtime = _file_stamp(p)
     fields = {"path": str(p), "size": size, "mtime": mtime, "params": params}
     if label is not None:
         fields["label"] = _label_stamp(label)
+    if store_dtype is not None:
+        fields["store_dtype"] = store_dtype
     blob = json.dumps(fields, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:24]
 
@@ -60,11 +76,35 @@ def _label_stamp(label: str | Path) -> dict:
     return {"path": str(lp), "size": size, "mtime": mtime}
 
 
-def _save_npy(arr: np.ndarray, npy: Path) -> None:
-    """Write atomically (a reader never sees half an array)."""
-    tmp = npy.with_name(npy.stem + f".{os.getpid()}.tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, npy)
+MIN_PARTITION_CROP = 64  # chunks and blocks are sized for crops of at least this edge (see store_crop_size)
+
+
+def check_store_dtype(dtype: str) -> None:
+    """ConfigError naming data.store_dtype unless it is float16, int16 or float32 (before any scan is read)."""
+    if dtype not in DTYPES:
+        raise ConfigError(f"data.store_dtype: '{dtype}' is not one of {', '.join(DTYPES)}")
+
+
+def store_crop_size(roi, spatial_dims: int) -> list[int]:
+    """The crop the store's chunks and blocks are sized for: max(roi, 64) per axis in 3-D; (max(h, 64), max(w, 64), 1)
+    for a 2-D run's slice windows. Below 64 the store's rule (blocks of crop/4 rounded down to a power of two) gives
+    8-voxel blocks, whose per-block cost made random crops 1.5x (32^3) to 2x (48^3) slower to read than with the
+    16-voxel blocks of a 64 crop (measured on the demo scans at 2 mm, float16)."""
+    sizes = [max(int(r), MIN_PARTITION_CROP) for r in roi]
+    return sizes + [1] if spatial_dims == 2 else sizes
+
+
+# ------------------------------------------------------------------------------------------------ one entry
+
+
+def entry_label(item: dict, with_labels: bool) -> str | None:
+    """The entry's label path with data.with_labels (DataError if it has none), else None."""
+    if not with_labels:
+        return None
+    label = item.get("label")
+    if not isinstance(label, str) or not label:
+        raise DataError(f"{item['image']}: datalist entry has no 'label' but data.with_labels is true")
+    return label
 
 
 def _label_array(label, image_shape: tuple, path: str) -> np.ndarray:
@@ -75,6 +115,56 @@ def _label_array(label, image_shape: tuple, path: str) -> np.ndarray:
     if not np.isfinite(lab).all() or not np.array_equal(lab, np.round(lab)):
         raise DataError(f"{path}: label holds non-integer values (class indices expected, not probabilities)")
     return np.ascontiguousarray(lab, dtype=np.int32)
+
+
+def _voxel_sizes(affine: np.ndarray) -> list[float]:
+    """Column norms of the affine's linear part: the preprocessed voxel size per axis (mm)."""
+    n = affine.shape[0] - 1
+    return [round(float(v), 6) for v in np.linalg.norm(affine[:n, :n], axis=0)]
+
+
+def _preprocess_into(store: VolumeStore, key: str, path: str, label: str | None, transform, params: dict,
+                     modality: str, cfg: DataConfig, crop_size: list[int]) -> dict:
+    """Run the preprocessing chain on one entry and write the result under `key`; returns the sidecar."""
+    out = transform({"image": path} if label is None else {"image": path, "label": label})
+    img = out["image"]                                # (C, X, Y, Z) MetaTensor
+    arr = np.ascontiguousarray(img.numpy(), dtype=np.float32)
+    if arr.size == 0 or min(arr.shape[1:]) == 0:
+        raise DataError(f"{path}: empty after preprocessing (no foreground in the intensity window)")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    meta = {"source": str(Path(path).resolve()), "modality": modality, "params": params,
+            "affine": affine.tolist(), "spacing": _voxel_sizes(affine)}
+    lab = None
+    if label is not None:
+        lab = _label_array(out["label"], arr.shape, label)  # (1, X, Y, Z) int32
+        meta["label"] = str(Path(label).resolve())
+    return store.write(key, arr, meta, dtype=cfg.store_dtype, label=lab, crop_size=crop_size)
+
+
+def prepare_entry(item: dict, label: str | None, cfg: DataConfig, store: VolumeStore, crop_size: list[int],
+                  transforms: dict, stored: dict | None = None) -> tuple[dict, bool]:
+    """Find or make the stored volume of one datalist entry: ({"path", "key", "shape", "modality"[, "label"]},
+    preprocessed now?). Raises on a bad entry (missing file, unreadable scan, label off the grid, ...).
+
+    `transforms`: this process's {(modality, labelled): chain} cache; `stored`: {key: sidecar} of the store when
+    the caller listed it once (else the store is asked per key)."""
+    from sslkit.data.preprocess import entry_modality, preprocess_transforms, preprocessing_params
+
+    path = str(item["image"])
+    modality = entry_modality(item, cfg.modality)
+    params = preprocessing_params(cfg, modality)
+    key = cache_key(path, params, label, cfg.store_dtype)
+    info = stored.get(key) if stored is not None else (store.info(key) if store.has(key) else None)
+    made = info is None
+    if made:
+        chain = (modality, label is not None)
+        if chain not in transforms:
+            transforms[chain] = preprocess_transforms(cfg, modality, "label" if label is not None else None)
+        info = _preprocess_into(store, key, path, label, transforms[chain], params, modality, cfg, crop_size)
+    volume = {"path": path, "key": key, "shape": list(info["shape"]), "modality": modality}
+    if label is not None:
+        volume["label"] = label
+    return volume, made
 
 
 def _error_line(e: BaseException) -> str:
@@ -90,136 +180,180 @@ def _error_line(e: BaseException) -> str:
     return (f"{type(inner).__name__}: {inner}".splitlines() or [""])[0][:300]
 
 
+def skip_row(path: str, label: str | None, error: str) -> dict:
+    """A skipped.jsonl row: {"path", "error"}, or {"path", "label", "error"} for a labelled entry."""
+    return {"path": path, "error": error} if label is None else {"path": path, "label": label, "error": error}
+
+
+def try_prepare_entry(item: dict, cfg: DataConfig, store: VolumeStore, crop_size: list[int], transforms: dict,
+                      stored: dict | None = None) -> tuple[dict | None, dict | None, bool]:
+    """(volume, None, preprocessed now?) for a good entry; (None, skip row, False) for a bad one."""
+    path, label = str(item["image"]), None
+    try:
+        label = entry_label(item, cfg.with_labels)
+        volume, made = prepare_entry(item, label, cfg, store, crop_size, transforms, stored)
+        return volume, None, made
+    except FileNotFoundError:
+        return None, skip_row(path, label, f"{path}: no such file or folder"), False
+    except Exception as e:  # noqa: BLE001 - a bad scan (or label) must not stop the run; it is logged
+        return None, skip_row(path, label, _error_line(e)), False
+
+
+def logged_rows(log: Path) -> set[tuple]:
+    """(path, label) of the rows already in a skipped.jsonl (unreadable lines ignored)."""
+    if not log.exists():
+        return set()
+    seen = set()
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            seen.add((row.get("path"), row.get("label")))
+        except (json.JSONDecodeError, AttributeError):
+            continue
+    return seen
+
+
+def append_skip_row(log: Path, row: dict) -> None:
+    """Append `row` to `log` unless a row for its (path, label) is there already (another worker logged it)."""
+    if (row["path"], row.get("label")) in logged_rows(log):
+        return
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def normalise_requests(requests: dict | None) -> dict:
+    """The data requests of the objectives (module docstring); None -> {"views": {}}. ValueError on unknown
+    names or bad VoCo sizes (they come from objective code, not from the user)."""
+    requests = {"views": {}} if requests is None else dict(requests)
+    unknown = set(requests) - set(REQUESTS)
+    if unknown or not requests:
+        raise ValueError(f"data requests {sorted(requests)}: use one or more of {', '.join(REQUESTS)}")
+    if "voco" in requests:
+        v = requests["voco"]
+        grid, n_random = int(v["grid"]), int(v["n_random"])
+        if grid < 1 or n_random < 1:
+            raise ValueError(f"voco data request needs grid >= 1 and n_random >= 1, got {v}")
+        requests["voco"] = {"grid": grid, "n_random": n_random}
+    return requests
+
+
 Window = tuple[int | None, list[int]]  # (axial slice z in 2-D runs, else None; window start per axis)
 
 
 class PretrainDataset(Dataset):
-    """Random crops of cached volumes with two augmented views each.
+    """Random crops of stored volumes with two augmented views each (and / or VoCo samples, see `requests`).
 
     len = valid volumes x crops_per_volume. `ds[(index, epoch)]` (or `ds[index]`, epoch 0) returns
     `{"image": (C, *roi), "view1": (C, *roi), "view2": (C, *roi), "index": int}` float32 tensors, plus
-    `"label": (1, *roi)` int64 with data.with_labels (aligned with "image", not with the augmented views).
-    spatial_dims 2 / modality "2d": a random axial slice, crops (C, H, W).
+    `"label": (1, *roi)` int64 with data.with_labels (aligned with "image", not with the augmented views), plus the
+    VoCo keys when requested (module docstring). spatial_dims 2 (a 2-D model): a random axial slice of the volume,
+    crops (C, H, W).
     """
 
     def __init__(self, items: list[dict], data_cfg: DataConfig, cache_dir: Path, seed: int,
-                 skipped_log: Path | None = None):
+                 skipped_log: Path | None = None, spatial_dims: int = 3, requests: dict | None = None):
+        check_store_dtype(data_cfg.store_dtype)
         self.items = list(items)
         self.cfg = data_cfg
         self.cache_dir = Path(cache_dir)
+        self.store = VolumeStore(self.cache_dir)
         self.seed = int(seed)
         self.skipped_log = Path(skipped_log) if skipped_log is not None else None
         self.roi = tuple(int(r) for r in data_cfg.roi)
-        self.spatial_dims = 2 if (data_cfg.spatial_dims == 2 or data_cfg.modality == "2d") else 3
+        self.spatial_dims = spatial_dims
         if len(self.roi) != self.spatial_dims:
             raise UserError(f"data.roi: {list(self.roi)} needs {self.spatial_dims} sizes")
         self.crops_per_volume = max(1, int(data_cfg.crops_per_volume))
         self.with_labels = bool(data_cfg.with_labels)
-        self.volumes: list[dict] = []   # {"path", "npy", "shape"[, "label", "label_npy"]} per valid cached volume
-        self.n_preprocessed = 0          # scans preprocessed (not taken from cache) by the last prepare()
-        self._bad: set[int] = set()      # volume indices that failed at __getitem__ time (per process)
+        self.requests = normalise_requests(requests)
+        self.volumes: list[dict] = []    # {"path", "key", "shape", "modality"[, "label"]} per valid stored volume
+        self.n_preprocessed = 0          # scans preprocessed (not found in the store) by this process
+        self._bad: set[int] = set()      # volume indices that failed at read time (per process)
         self._logged: set[tuple] = set()  # (path, label) already in skipped_log
 
-    # --------------------------------------------------------------------------------------- caching
+    # --------------------------------------------------------------------------------------- preparing
 
-    def prepare(self, progress: bool = True) -> "PretrainDataset":
-        """Preprocess and cache every scan once; skip (and log) the ones that fail. Returns self."""
+    @property
+    def crop_size(self) -> list[int]:
+        return store_crop_size(self.roi, self.spatial_dims)
+
+    def prepare(self, progress: bool = True, failures: dict[int, dict] | None = None,
+                log_skips: bool = True) -> "PretrainDataset":
+        """Open every entry's stored volume, preprocessing (and storing) the ones missing; skip and log the bad
+        ones (`log_skips`). `failures` {entry index: skip row}: entries another process already found bad (they are
+        logged, not retried). Returns self."""
         from tqdm.auto import tqdm
 
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        transforms: dict[str, object] = {}
-        self.volumes, self.n_preprocessed = [], 0
-        for item in tqdm(self.items, desc="caching scans", unit="scan", disable=not progress):
-            path, label = str(item["image"]), None
-            try:
-                label = self._label_of(item)
-                cfg = self.item_config(item)
-                params = preprocessing_params(cfg)
-                key = cache_key(path, params, label)
-                npy, meta = self.cache_dir / f"{key}.npy", self.cache_dir / f"{key}.json"
-                label_npy = self.cache_dir / f"{key}.label.npy" if label is not None else None
-                if not (npy.exists() and meta.exists() and (label_npy is None or label_npy.exists())):
-                    if cfg.modality not in transforms:
-                        transforms[cfg.modality] = preprocess_transforms(cfg, "label" if self.with_labels else None)
-                    self._preprocess_one(path, transforms[cfg.modality], npy, meta, params, label, label_npy)
-                    self.n_preprocessed += 1
-                info = json.loads(meta.read_text(encoding="utf-8"))
-                volume = {"path": path, "npy": str(npy), "shape": info["shape"]}
-                if label_npy is not None:
-                    volume.update(label=label, label_npy=str(label_npy))
+        failures = failures or {}
+        stored = self.store.infos()  # one listing of the store folder
+        transforms: dict = {}
+        self.volumes, n_made = [], 0
+        for i, item in enumerate(tqdm(self.items, desc="preparing scans", unit="scan", disable=not progress)):
+            volume, row, made = (None, failures[i], False) if i in failures else \
+                try_prepare_entry(item, self.cfg, self.store, self.crop_size, transforms, stored)
+            n_made += made
+            if volume is not None:
                 self.volumes.append(volume)
-            except FileNotFoundError:
-                self._record_skip(path, f"{path}: no such file or folder", label)
-            except Exception as e:  # noqa: BLE001 - a bad scan (or label) must not stop the run; it is logged
-                self._record_skip(path, _error_line(e), label)
+            elif log_skips:
+                self._record_skip(row)
+        self.n_preprocessed += n_made
         if not self.volumes:
             where = f" (see {self.skipped_log})" if self.skipped_log else ""
             raise DataError(f"no usable scans among {len(self.items)} datalist entries{where}")
         return self
 
-    def item_config(self, item: dict) -> DataConfig:
-        """The DataConfig for one entry: an entry's own "modality" (ct | mri) picks its intensity preset, so one
-        corpus can mix CT and MRI; otherwise data.modality applies."""
-        mod = str(item.get("modality", "")).lower()
-        if mod in ("ct", "mri") and mod != self.cfg.modality:
-            return dataclasses.replace(self.cfg, modality=mod)
-        return self.cfg
+    def prepare_part(self, part: int, parts: int, progress: bool = True) -> dict[int, dict]:
+        """Preprocess the missing entries i with i % parts == part into the store (one process's share of a
+        parallel preparation); returns {entry index: skip row} of its bad entries, logging nothing."""
+        from tqdm.auto import tqdm
 
-    def _label_of(self, item: dict) -> str | None:
-        """The entry's label path with data.with_labels (DataError if it has none), else None."""
-        if not self.with_labels:
-            return None
-        label = item.get("label")
-        if not isinstance(label, str) or not label:
-            raise DataError(f"{item['image']}: datalist entry has no 'label' but data.with_labels is true")
-        return label
+        stored = self.store.infos()
+        transforms: dict = {}
+        failures: dict[int, dict] = {}
+        mine = range(part, len(self.items), parts)
+        for i in tqdm(mine, desc=f"preparing scans (part {part + 1}/{parts})", unit="scan", disable=not progress):
+            volume, row, made = try_prepare_entry(self.items[i], self.cfg, self.store, self.crop_size, transforms,
+                                                  stored)
+            self.n_preprocessed += made
+            if row is not None:
+                failures[i] = row
+        return failures
 
-    def _preprocess_one(self, path: str, transform, npy: Path, meta: Path, params: dict,
-                        label: str | None = None, label_npy: Path | None = None) -> None:
-        out = transform({"image": path} if label is None else {"image": path, "label": label})
-        img = out["image"]                                # (1, X, Y, Z) MetaTensor
-        arr = np.ascontiguousarray(img.numpy(), dtype=np.float32)
-        if arr.size == 0 or min(arr.shape[1:]) == 0:
-            raise DataError(f"{path}: empty after preprocessing (no foreground in the intensity window)")
-        info = {"path": str(Path(path).resolve()), "shape": list(arr.shape), "params": params,
-                "affine": np.asarray(img.affine).tolist()}
-        if label is not None:
-            lab = _label_array(out["label"], arr.shape, label)  # (1, X, Y, Z) int32
-            _save_npy(lab, label_npy)
-            info.update(label=str(Path(label).resolve()), label_values=np.unique(lab).tolist())
-        _save_npy(arr, npy)
-        tmpj = meta.with_name(meta.name + f".{os.getpid()}.tmp")  # written last: it marks a complete entry
-        tmpj.write_text(json.dumps(info), encoding="utf-8")
-        os.replace(tmpj, meta)
+    def corpus_summary(self) -> dict:
+        """What the run trains on, for the plan: {"scans", "modalities": {modality: count}, "skipped"}."""
+        mods: dict[str, int] = {}
+        for v in self.volumes:
+            mods[v["modality"]] = mods.get(v["modality"], 0) + 1
+        return {"scans": len(self.volumes), "modalities": dict(sorted(mods.items())),
+                "skipped": len(self.items) - len(self.volumes)}
 
-    def _record_skip(self, path: str, error: str, label: str | None = None) -> None:
-        """Append `{"path"[, "label"], "error"}` to skipped_log, once per (path, label)."""
-        if (path, label) in self._logged:
+    def _record_skip(self, row: dict) -> None:
+        """Append a skip row to skipped_log, once per (path, label)."""
+        ident = (row["path"], row.get("label"))
+        if ident in self._logged:
             return
-        self._logged.add((path, label))
-        if self.skipped_log is None:
-            return
-        self.skipped_log.parent.mkdir(parents=True, exist_ok=True)
-        if self.skipped_log.exists():  # another worker may have logged it already
-            for line in self.skipped_log.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                    if row.get("path") == path and row.get("label") == label:
-                        return
-                except json.JSONDecodeError:
-                    continue
-        row = {"path": path, "error": error} if label is None else {"path": path, "label": label, "error": error}
-        with open(self.skipped_log, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        self._logged.add(ident)
+        if self.skipped_log is not None:
+            append_skip_row(self.skipped_log, row)
 
     # --------------------------------------------------------------------------------------- access
 
     def __len__(self) -> int:
         return len(self.volumes) * self.crops_per_volume
 
-    def _volume(self, vol: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """Memory-mapped cached arrays: image (C, X, Y, Z) and, with labels, label (1, X, Y, Z) (else None); falls
-        back to the next good volume if this one fails, so image and label always come from the same volume."""
+    def stored_volume(self, vol: int) -> np.ndarray:
+        """The whole stored image of volume `vol` as the dataset reads it: float32 (C, X, Y, Z)."""
+        return self.store.read_volume(self.volumes[vol]["key"])
+
+    def stored_label(self, vol: int) -> np.ndarray:
+        """The whole stored label of volume `vol`: int64 (1, X, Y, Z)."""
+        v = self.volumes[vol]
+        return self.store.read_label_crop(v["key"], [0, 0, 0], v["shape"][1:])
+
+    def _substituting(self, vol: int, read):
+        """read(v) on volume `vol`, or on the next readable volume when the stored one is corrupt or gone (logged
+        once, remembered per process), so every key of an item comes from one volume."""
         if not self.volumes:
             raise RuntimeError("PretrainDataset.prepare() must run before indexing")
         n = len(self.volumes)
@@ -228,26 +362,20 @@ class PretrainDataset(Dataset):
             if v in self._bad:
                 continue
             try:
-                arr = np.load(self.volumes[v]["npy"], mmap_mode="r")
-                if arr.ndim != 4 or not np.isfinite(arr[(0,) + tuple(s // 2 for s in arr.shape[1:])]):
-                    raise ValueError(f"cached array has shape {arr.shape}")
-                return arr, self._cached_label(v, arr.shape)
-            except Exception as e:  # noqa: BLE001 - substitute deterministically, log once
+                return read(v)
+            except (DataError, OSError) as e:  # substitute deterministically, log once
                 self._bad.add(v)
-                self._record_skip(self.volumes[v]["path"], f"cached volume unreadable: {type(e).__name__}: {e}"
-                                  .splitlines()[0][:300], self.volumes[v].get("label"))
-        raise DataError(f"no readable cached volume left in {self.cache_dir}")
-
-    def _cached_label(self, v: int, image_shape: tuple) -> np.ndarray | None:
-        if "label_npy" not in self.volumes[v]:
-            return None
-        lab = np.load(self.volumes[v]["label_npy"], mmap_mode="r")
-        if lab.shape != (1,) + tuple(image_shape[1:]):
-            raise ValueError(f"cached label has shape {lab.shape}, its image {image_shape}")
-        return lab
+                info = self.volumes[v]
+                self._record_skip(skip_row(info["path"], info.get("label"),
+                                           f"stored volume unreadable: {type(e).__name__}: {e}".splitlines()[0][:300]))
+        raise DataError(f"no readable stored volume left in {self.cache_dir}")
 
     def _rng(self, index: int, epoch: int, stream: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, int(epoch), int(index), stream])
+
+    def _draw_slice(self, nz: int, rng: np.random.Generator, center: bool = False) -> int:
+        z = int(rng.integers(nz // 4, max(nz // 4, 3 * nz // 4) + 1)) if center else int(rng.integers(0, nz))
+        return min(z, nz - 1)
 
     def _draw_window(self, shape: tuple, rng: np.random.Generator, center: bool = False) -> Window:
         """Where a crop of a (C, X, Y, Z) volume goes: a random (or jittered-centre) window of roi; 2-D runs pick
@@ -255,9 +383,7 @@ class PretrainDataset(Dataset):
         sizes = shape[1:]
         z = None
         if self.spatial_dims == 2:
-            nz = shape[3]
-            z = int(rng.integers(nz // 4, max(nz // 4, 3 * nz // 4) + 1)) if center else int(rng.integers(0, nz))
-            z, sizes = min(z, nz - 1), shape[1:3]
+            z, sizes = self._draw_slice(shape[3], rng, center), shape[1:3]
         starts = []
         for s, r in zip(sizes, self.roi):
             hi = max(0, s - r)
@@ -269,66 +395,84 @@ class PretrainDataset(Dataset):
         return z, starts
 
     def _shift_window(self, window: Window, shape: tuple, rng: np.random.Generator) -> Window:
-        """The second view's window: moved from `window` by up to data.view_shift x roi per axis, inside the volume."""
+        """The second view's window: moved from `window` by up to data.views.shift x roi per axis, inside the volume."""
         z, starts = window
         sizes = shape[1:3] if z is not None else shape[1:]
         moved = []
         for a, s, r in zip(starts, sizes, self.roi):
-            m = int(round(self.cfg.view_shift * r))
+            m = int(round(self.cfg.views.shift * r))
             moved.append(int(np.clip(a + rng.integers(-m, m + 1), 0, max(0, s - r))))
         return z, moved
 
-    def _cut(self, arr: np.ndarray, window: Window, dtype=np.float32) -> np.ndarray:
-        """(C, X, Y, Z) -> (C, *roi) at `window`; 2-D: (C, X, Y, Z) -> (C, X, Y) -> (C, H, W). Zero-padded (image
-        window minimum, label background) where the volume is smaller."""
+    def _read(self, vol: int, window: Window, sizes=None, label: bool = False) -> np.ndarray:
+        """(C, *sizes) window of volume `vol` (sizes default roi; label: int64 (1, *sizes)), zero-padded past the
+        volume. 2-D: the window of axial slice z, read as (.., .., 1)."""
         z, starts = window
-        if z is not None:
-            arr = arr[..., z]
-        sl = (slice(None),) + tuple(slice(a, a + r) for a, r in zip(starts, self.roi))
-        patch = np.array(arr[sl], dtype=dtype, copy=True)  # copies only the window out of the memmap
-        if patch.shape[1:] != self.roi:
-            out = np.zeros((patch.shape[0],) + self.roi, dtype=dtype)
-            out[(slice(None),) + tuple(slice(0, s) for s in patch.shape[1:])] = patch
-            patch = out
-        return patch
+        sizes = list(sizes or self.roi)
+        read = self.store.read_label_crop if label else self.store.read_crop
+        key = self.volumes[vol]["key"]
+        if z is None:
+            return read(key, starts, sizes)
+        return read(key, list(starts) + [z], sizes + [1])[..., 0]
 
-    def _augment(self, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """One view: per-axis flips (p=view_flip_prob), intensity scale/shift, Gaussian noise. Shape kept."""
-        c = self.cfg
-        flip_axes = tuple(ax for ax in range(1, x.ndim) if rng.random() < c.view_flip_prob)
-        y = np.flip(x, axis=flip_axes) if flip_axes else x
-        scale = 1.0 + rng.uniform(-c.view_intensity_scale, c.view_intensity_scale)
-        shift = rng.uniform(-c.view_intensity_shift, c.view_intensity_shift)
-        y = y * scale + shift
-        if c.view_noise_std > 0:
-            y = y + rng.normal(0.0, c.view_noise_std, size=y.shape)
-        return np.ascontiguousarray(y, dtype=np.float32)
+    def _read_crops(self, v: int, index: int, epoch: int) -> dict[str, np.ndarray]:
+        """Every array an item of volume v needs, read from the store (all reads happen here, so a corrupt volume
+        fails before any view is drawn)."""
+        shape = tuple(self.volumes[v]["shape"])
+        out: dict[str, np.ndarray] = {}
+        if "views" in self.requests:
+            window = self._draw_window(shape, self._rng(index, epoch, _CROP))
+            out["image"] = self._read(v, window)                                        # (C, *roi)
+            out["image2"] = out["image"]
+            if self.cfg.views.shift > 0:  # overlapping, not identical, crops for the two views
+                out["image2"] = self._read(v, self._shift_window(window, shape, self._rng(index, epoch, _SHIFT)))
+            if self.with_labels:
+                out["label"] = self._read(v, window, label=True)                         # (1, *roi) int64
+        if "voco" in self.requests:
+            out.update(self._read_voco(v, shape, self._rng(index, epoch, _VOCO)))
+        return out
+
+    def _read_voco(self, v: int, shape: tuple, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """One VoCo sample (`sslkit.data.multicrop.voco_windows`): the region the base crops tile is read once and
+        every crop is cut from it (random crops lie inside the region). 2-D: an axial slice is drawn first."""
+        req = self.requests["voco"]
+        z = self._draw_slice(shape[3], rng) if self.spatial_dims == 2 else None
+        spatial = shape[1:3] if z is not None else shape[1:]
+        base, rand = voco_windows(spatial, self.roi, req["grid"], req["n_random"], rng)  # (G, dims), (R, dims)
+        origin = base.min(axis=0)
+        region = self._read(v, (z, origin.tolist()), voco_region(spatial, self.roi, req["grid"]).tolist())
+        return {"voco_base": cut_windows(region, base - origin, self.roi),          # (G, C, *roi)
+                "voco_random": cut_windows(region, rand - origin, self.roi),        # (R, C, *roi)
+                "voco_targets": overlap_targets(rand, base, self.roi),              # (R, G)
+                "voco_base_starts": base, "voco_random_starts": rand}
 
     def __getitem__(self, key) -> dict:
+        from sslkit.data.views import make_view
+
         index, epoch = (key if isinstance(key, (tuple, list)) else (key, 0))
         index, epoch = int(index), int(epoch)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} crops")
-        arr, lab = self._volume(index // self.crops_per_volume)
-        window = self._draw_window(arr.shape, self._rng(index, epoch, _CROP))
-        crop = self._cut(arr, window)                                            # (C, *roi)
-        crop2 = crop
-        if self.cfg.view_shift > 0:  # overlapping, not identical, crops for the two views
-            crop2 = self._cut(arr, self._shift_window(window, arr.shape, self._rng(index, epoch, _SHIFT)))
-        v1 = self._augment(crop, self._rng(index, epoch, _VIEW1))
-        v2 = self._augment(crop2, self._rng(index, epoch, _VIEW2))
-        item = {"image": torch.from_numpy(crop), "view1": torch.from_numpy(v1), "view2": torch.from_numpy(v2),
-                "index": index}
-        if lab is not None:
-            item["label"] = torch.from_numpy(self._cut(lab, window, np.int64))  # (1, *roi), same window as image
+        crops = self._substituting(index // self.crops_per_volume, lambda v: self._read_crops(v, index, epoch))
+        item: dict = {"index": index}
+        if "image" in crops:
+            v1 = make_view(crops["image"], self.cfg.views, (self.seed, epoch, index, _VIEW1))
+            v2 = make_view(crops["image2"], self.cfg.views, (self.seed, epoch, index, _VIEW2))
+            item.update(image=torch.from_numpy(crops["image"]), view1=torch.from_numpy(v1),
+                        view2=torch.from_numpy(v2))
+        for k, arr in crops.items():
+            if k not in ("image", "image2"):
+                item[k] = torch.from_numpy(np.ascontiguousarray(arr))
         return item
 
     def probe_crops(self, n: int) -> torch.Tensor:
         """A fixed probe set: n centre-ish crops cycling over volumes, seeded by `seed` only. (n, C, *roi)."""
         crops = []
         for i in range(n):
-            rng = np.random.default_rng([self.seed, _PROBE, i])
-            arr = self._volume(i % len(self.volumes))[0]
-            crops.append(self._cut(arr, self._draw_window(arr.shape, rng, center=True)))
+            def centre_crop(v: int, i=i) -> np.ndarray:
+                rng = np.random.default_rng([self.seed, _PROBE, i])
+                return self._read(v, self._draw_window(tuple(self.volumes[v]["shape"]), rng, center=True))
+
+            crops.append(self._substituting(i % len(self.volumes), centre_crop))
         return torch.from_numpy(np.stack(crops))
 

@@ -170,70 +170,36 @@ def _adapter(model: nn.Module, cfg, lr: float) -> Adaptation:
 # ------------------------------------------------------------------------------------ encoder weights
 
 
-def resolve_encoder_path(path: str | Path) -> Path:
-    """A `.safetensors` file, a torch state-dict file, or a pretraining run dir holding `encoder.safetensors`."""
-    p = Path(path)
-    if p.is_dir():
-        p = p / "encoder.safetensors"
-    if not p.is_file():
-        raise ConfigError(f"{p}: encoder weights not found (give a .safetensors file or a pretraining run dir)")
-    return p
+def encoder_plan(path: str | Path) -> tuple[dict | None, Path]:
+    """(the plan of --encoder / model.init_from, or None for weights written by another tool, the weights file)."""
+    from sslkit.errors import UserError
+    from sslkit.plan import plan_from_metadata, read_metadata, weights_file
 
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Safe loading only: safetensors, or torch.load(weights_only=True) of a plain state dict."""
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt / truncated / not weights-only
-        raise ConfigError(f"{path}: cannot read weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
-            from None
-    if isinstance(sd, dict) and isinstance(sd.get("encoder"), dict):
-        sd = sd["encoder"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ConfigError(f"{path}: not a state dict of tensors")
-    return sd
+        f = weights_file(path)
+    except UserError as e:
+        raise ConfigError(f"model.init_from: {e}") from None
+    if f.suffix != ".safetensors":
+        return None, f
+    return plan_from_metadata(read_metadata(f), f), f
 
 
-def _few(keys: list[str], n: int = 5) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+def load_encoder(model: nn.Module, path: str | Path) -> str:
+    """Load encoder weights of any supported layout STRICTLY into `model.encoder` (adapter tensors a pretrained file
+    cannot hold keep their values); returns the one-line description of the layout found."""
+    from sslkit.models.weights import load_pretrained
 
-
-def load_encoder_weights(model: nn.Module, path: str | Path) -> Path:
-    """Load encoder weights STRICTLY by name into `model.encoder`; any mismatch -> ConfigError (one line)."""
-    p = resolve_encoder_path(path)
-    sd = read_state_dict(p)
-    own = model.encoder.state_dict()
-    added = getattr(model.encoder, "added_keys", set())  # modules an adaptation mode added (e.g. adapters)
-    missing = sorted(set(own) - set(sd) - set(added))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(sd) & set(own))
-              if sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)}: {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)}: {_few(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatch {len(shapes)}: {_few(shapes, 3)}")
-        raise ConfigError(f"{p}: encoder weights do not match model.encoder ({type(model.encoder).__name__}); "
-                          + "; ".join(parts))
-    model.encoder.load_state_dict(sd, strict=not added)
-    return p
+    return load_pretrained(model.encoder, path)
 
 
 # ------------------------------------------------------------------------------ models and checkpoints
 
 
 def build_model(cfg) -> nn.Module:
-    """The segmenter of a DownstreamConfig: in/out channels from data, options from model.args."""
+    """The segmenter of a DownstreamConfig: in/out channels from model / data, options from model.args."""
     from sslkit.models.registry import build_segmenter
 
-    in_channels = cfg.data.in_channels * (cfg.data.slice_channels if cfg.data.slices else 1)
+    in_channels = cfg.model.in_channels * (cfg.data.slice_channels if cfg.data.slices else 1)
     model = build_segmenter(cfg.model.name, spatial_dims=cfg.model.spatial_dims, in_channels=in_channels,
                             out_channels=cfg.data.num_classes, **cfg.model.args)
     if cfg.adapt.mode in _PREPARE:
@@ -241,32 +207,68 @@ def build_model(cfg) -> nn.Module:
     return model
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A finetune checkpoint (`best.pt` / `last.pt`), loaded with torch.load(weights_only=True)."""
-    p = Path(path)
-    if p.is_dir():  # a run dir
-        p = p / "checkpoints" / "best.pt"
-    if not p.is_file():
-        raise ConfigError(f"{p}: checkpoint not found")
+def check_buildable(cfg) -> None:
+    """The segmenter and its adaptation mode on empty (meta) weights: bad model or adaptation options fail in
+    seconds, before any scan is preprocessed."""
+    from sslkit.models.base import empty_weights
+
+    if not cfg.model.name:
+        raise ConfigError("model.name: not set; give --encoder with an sslkit plan, or set model.name in the recipe")
     try:
-        ck = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"{p}: cannot read checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})") \
-            from None
-    if not isinstance(ck, dict) or "model" not in ck or "config" not in ck:
-        raise ConfigError(f"{p}: not an sslkit finetune checkpoint (needs 'model' and 'config')")
-    ck["path"] = str(p)
-    return ck
+        with empty_weights():
+            model = build_model(_without_checkpoint(cfg))
+            adapt(model, cfg.adapt, cfg.optim.lr)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model / adapt: {str(e).splitlines()[0]}") from None
 
 
-def model_from_checkpoint(path: str | Path):
-    """(model with the checkpoint's weights, DownstreamConfig, checkpoint dict)."""
+def _without_checkpoint(cfg):
+    """A copy of cfg whose model does not load a weights file (SAM `checkpoint`): the fine-tuned model has them."""
+    c = copy.deepcopy(cfg)
+    c.model.args.pop("checkpoint", None)
+    return c
+
+
+MODEL_FILE = "model.safetensors"
+CONFIG_KEY = "sslkit.config"
+
+
+def save_model(model: nn.Module, cfg, plan: dict, path: Path) -> None:
+    """The fine-tuned model's weights with its plan and resolved config in the safetensors metadata."""
+    import json
+
+    from sslkit.plan import write_weights
+
+    write_weights(path, model.state_dict(), plan, {CONFIG_KEY: json.dumps(cfg.to_dict())})
+
+
+def model_file(path: str | Path) -> Path:
+    """The fine-tuned model a path names: a .safetensors file, a checkpoint folder, or a run directory (its best
+    model, `model.safetensors`)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / MODEL_FILE
+    if not p.is_file():
+        raise ConfigError(f"{p}: no fine-tuned model here (give a fine-tuning run directory, a checkpoint folder or "
+                          f"its {MODEL_FILE})")
+    return p
+
+
+def load_finetuned(path: str | Path):
+    """(model with the fine-tuned weights, its DownstreamConfig, its plan, the file)."""
+    import json
+
     from sslkit.downstream.config import downstream_config_from_dict
+    from sslkit.plan import read_metadata, read_weights
 
-    ck = read_checkpoint(path)
-    cfg = downstream_config_from_dict(ck["config"])
-    build_cfg = copy.deepcopy(cfg)
-    build_cfg.model.args.pop("checkpoint", None)  # the SAM weights file is not needed: the checkpoint has them
-    model = build_model(build_cfg)
-    model.load_state_dict(ck["model"], strict=True)
-    return model, cfg, ck
+    p = model_file(path)
+    meta = read_metadata(p)
+    if CONFIG_KEY not in meta:
+        kind = "a pretraining encoder" if p.name in ("encoder.safetensors", "student.safetensors") else "not"
+        raise ConfigError(f"{p}: {kind} an sslkit fine-tuned model (no {CONFIG_KEY} in its metadata)"
+                          + ("; fine-tune it first with `sslkit finetune --encoder`" if kind != "not" else ""))
+    cfg = downstream_config_from_dict(json.loads(meta[CONFIG_KEY]))
+    sd, plan = read_weights(p)
+    model = build_model(_without_checkpoint(cfg))
+    model.load_state_dict(sd, strict=True)
+    return model, cfg, plan, p

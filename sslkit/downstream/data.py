@@ -16,11 +16,15 @@ Layouts (`data.layout`):
              and a right half (validation), labels 1 bone / 2 soft tissue (written under `root`/halves/).
   datalist   a JSON file with `training` (or `labelled`) and optionally `validation` lists of {image, label},
              paths relative to the JSON file. Without `validation`: a seeded `val_fraction` split.
-  mni_gm_wm  demo: builds, under `root`, the MNI152 2 mm T1 template split into a left and a right hemisphere
-             with grey matter (1) / white matter (2) labels from nilearn's bundled probability maps (> 0.5).
-             Train = left hemisphere, validation = right hemisphere (voxels never seen in training; the brain
-             is nearly symmetric and flips are on, so this measures fitting, not cross-subject generalisation).
-`data.num_labelled` > 0 keeps a seeded subset of that many training cases (validation unchanged).
+  mni_gm_wm  demo: `root` is the demo corpus (or any folder; nilearn's bundled template is written there when
+             missing): its 1 mm MNI152 T1 split into a left and a right hemisphere with grey matter (1) / white
+             matter (2) labels. Train = left hemisphere, validation = right hemisphere (voxels never seen in
+             training; the brain is nearly symmetric, so this measures fitting, not cross-subject generalisation).
+`data.num_labelled` > 0 keeps the first n cases of a seeded order of the training cases, so the subsets of one
+split_seed are nested (the 3-case subset holds the 1-case subset). Validation is unchanged.
+
+Preprocessing is `sslkit.data.preprocess` (the one stack pretraining uses); this module adds only the labelled
+random crops and augmentations.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ from __future__ import annotations
 import json
 import random
 import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from sslkit.errors import DataError
 
@@ -113,23 +117,6 @@ def _acdc_cases(root: Path) -> tuple[list[dict], list[dict] | None]:
     return _acdc_patients(root, need_labels=True), None
 
 
-def build_mni_acdc(root: str | Path) -> Path:
-    """The MNI GM/WM demo in the ACDC layout: training/patient001 = left hemisphere, testing/patient002 = right
-    (one frame each, labels 1 grey / 2 white matter). Idempotent."""
-    import shutil
-
-    root = Path(root)
-    (train,), (val,) = build_mni_gm_wm(root / "source", 3)
-    for split, pid, case in (("training", "patient001", train), ("testing", "patient002", val)):
-        d = root / split / pid
-        d.mkdir(parents=True, exist_ok=True)
-        for key, suffix in (("image", ""), ("label", "_gt")):
-            dst = d / f"{pid}_frame01{suffix}.nii.gz"
-            if not dst.is_file():
-                shutil.copyfile(case[key], dst)
-    return root
-
-
 def _datalist_cases(path: Path) -> tuple[list[dict], list[dict] | None]:
     if not path.is_file():
         raise DataError(f"{path}: datalist JSON not found")
@@ -146,92 +133,6 @@ def _datalist_cases(path: Path) -> tuple[list[dict], list[dict] | None]:
     return train, val
 
 
-def build_mni_gm_wm(root: str | Path, spatial_dims: int = 3) -> tuple[list[dict], list[dict]]:
-    """Write the MNI152 GM/WM demo (left / right hemisphere) under `root`; idempotent. No network.
-
-    spatial_dims=2: axial slices of each hemisphere (every 3rd; validation slices interleave with training
-    z positions but come from the other hemisphere)."""
-    import nibabel as nib
-
-    root = Path(root)
-    names = ["mni_left_t1", "mni_left_seg", "mni_right_t1", "mni_right_seg"]
-    files = {n: root / f"{n}.nii.gz" for n in names}
-    if not all(f.is_file() for f in files.values()):
-        from nilearn import datasets
-
-        root.mkdir(parents=True, exist_ok=True)
-        t1 = datasets.load_mni152_template(resolution=2)
-        gm = np.asarray(datasets.load_mni152_gm_template(resolution=2).get_fdata())
-        wm = np.asarray(datasets.load_mni152_wm_template(resolution=2).get_fdata())
-        seg = np.zeros(gm.shape, np.uint8)
-        seg[gm > 0.5] = 1
-        seg[wm > 0.5] = 2
-        img = np.asarray(t1.get_fdata(), np.float32)
-        aff = t1.affine
-        # world x = 0 (midline) -> voxel index
-        mid = int(round(np.linalg.solve(aff, [0, 0, 0, 1])[0]))
-        _write_halves(img, seg, aff, mid, {side: (files[f"mni_{side}_t1"], files[f"mni_{side}_seg"])
-                                           for side in ("left", "right")})
-    train = [{"image": str(files["mni_left_t1"]), "label": str(files["mni_left_seg"])}]
-    val = [{"image": str(files["mni_right_t1"]), "label": str(files["mni_right_seg"])}]
-    if spatial_dims == 2:
-        return _axial_slices(train[0], root / "slices_left", 0), _axial_slices(val[0], root / "slices_right", 1)
-    return train, val
-
-
-def _write_halves(img: np.ndarray, seg: np.ndarray, aff: np.ndarray, mid: int, files: dict) -> None:
-    """Split a volume at voxel x = mid into left / right NIfTI image + label files (affines keep world
-    positions). files: {"left": (image path, label path), "right": (...)}."""
-    import nibabel as nib
-
-    for side, (sl, start) in {"left": (slice(0, mid), 0), "right": (slice(mid, img.shape[0]), mid)}.items():
-        a = aff.copy()
-        a[:3, 3] = aff[:3, :3] @ [start, 0, 0] + aff[:3, 3]
-        nib.save(nib.Nifti1Image(img[sl], a), str(files[side][0]))
-        nib.save(nib.Nifti1Image(seg[sl], a), str(files[side][1]))
-
-
-def build_ct_head_halves(corpus: str | Path) -> tuple[list[dict], list[dict]]:
-    """Demo: the demo corpus's head CT (`sslkit data demo` folder) split into a left half (train) and a right
-    half (validation) under `corpus`/halves/; labels 1 bone, 2 soft tissue. Idempotent."""
-    import nibabel as nib
-
-    corpus = Path(corpus)
-    src_img, src_lab = corpus / "ct_head.nii.gz", corpus / "ct_head_label.nii.gz"
-    if not (src_img.is_file() and src_lab.is_file()):
-        raise DataError(f"{corpus}: no ct_head.nii.gz / ct_head_label.nii.gz (build it with `sslkit data demo`)")
-    out = corpus / "halves"
-    files = {side: (out / f"ct_head_{side}.nii.gz", out / f"ct_head_{side}_label.nii.gz") for side in ("left", "right")}
-    if not all(f.is_file() for pair in files.values() for f in pair):
-        out.mkdir(parents=True, exist_ok=True)
-        img, lab = nib.load(str(src_img)), nib.load(str(src_lab))
-        arr = np.asarray(img.dataobj)
-        _write_halves(arr, np.asarray(lab.dataobj).astype(np.uint8), img.affine, arr.shape[0] // 2, files)
-    return ([{"image": str(files["left"][0]), "label": str(files["left"][1])}],
-            [{"image": str(files["right"][0]), "label": str(files["right"][1])}])
-
-
-def _axial_slices(case: dict, out: Path, offset: int, every: int = 3, lo: int = 18, hi: int = 82) -> list[dict]:
-    """2D demo: every `every`-th axial slice z in [lo, hi) (+offset) as 2D NIfTI image / label pairs."""
-    import nibabel as nib
-
-    img, seg = nib.load(case["image"]), nib.load(case["label"])
-    cases = []
-    out.mkdir(parents=True, exist_ok=True)
-    a2 = np.eye(3)
-    a2[:2, :2] = img.affine[:2, :2]
-    a2[:2, 2] = img.affine[:2, 3]
-    for z in range(lo + offset, hi, every):
-        fi, fl = out / f"img_z{z:03d}.nii.gz", out / f"seg_z{z:03d}.nii.gz"
-        if not (fi.is_file() and fl.is_file()):
-            aff = np.eye(4)
-            aff[:2, :2], aff[:2, 3] = a2[:2, :2], a2[:2, 2]
-            nib.save(nib.Nifti1Image(np.asarray(img.dataobj[:, :, z], np.float32), aff), str(fi))
-            nib.save(nib.Nifti1Image(np.asarray(seg.dataobj[:, :, z], np.uint8), aff), str(fl))
-        cases.append({"image": str(fi), "label": str(fl)})
-    return cases
-
-
 def _seeded_split(cases: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, val): a seeded `fraction` of the groups (patients; a case without "group" is its own) in val."""
     groups = sorted({c.get("group", i) for i, c in enumerate(cases)}, key=str)
@@ -241,6 +142,19 @@ def _seeded_split(cases: list[dict], fraction: float, seed: int) -> tuple[list[d
     held = set(groups[:n_val])
     in_val = [c.get("group", i) in held for i, c in enumerate(cases)]
     return [c for c, v in zip(cases, in_val) if not v], [c for c, v in zip(cases, in_val) if v]
+
+
+def labelled_subset(train: list[dict], n: int, seed: int, where: str = "") -> list[dict]:
+    """The first n training cases of a seeded order (kept in their listed order): nested across n for one seed."""
+    if n > len(train):
+        raise DataError(f"data.num_labelled: {n} is more than the {len(train)} training cases of {where}")
+    if n == len(train):
+        print(f"sslkit: warning: data.num_labelled: {n} is every training case of {where} (0 means all, too)",
+              file=sys.stderr, flush=True)
+        return list(train)
+    order = list(range(len(train)))
+    random.Random(seed + 1).shuffle(order)
+    return [train[i] for i in sorted(order[:n])]
 
 
 def volume_dims(dcfg) -> int:
@@ -258,11 +172,17 @@ def list_cases(dcfg) -> tuple[list[dict], list[dict]]:
     elif dcfg.layout == "btcv":
         train, val = _btcv_cases(root, dcfg.btcv_val_count)
     elif dcfg.layout == "mni_gm_wm":
+        from sslkit.data.demo import build_mni_gm_wm
+
         train, val = build_mni_gm_wm(root, volume_dims(dcfg))
     elif dcfg.layout == "demo_ct_head":
+        from sslkit.data.demo import build_ct_head_halves
+
         train, val = build_ct_head_halves(root)
     elif dcfg.layout == "acdc":
         if dcfg.demo_source == "mni_gm_wm":
+            from sslkit.data.demo import build_mni_acdc
+
             build_mni_acdc(root)
         train, val = _acdc_cases(root)
     else:
@@ -270,11 +190,7 @@ def list_cases(dcfg) -> tuple[list[dict], list[dict]]:
     if val is None:
         train, val = _seeded_split(train, dcfg.val_fraction, dcfg.split_seed)
     if dcfg.num_labelled:
-        if dcfg.num_labelled > len(train):
-            raise DataError(f"data.num_labelled: {dcfg.num_labelled} > {len(train)} training cases in {root}")
-        rng = random.Random(dcfg.split_seed + 1)
-        keep = sorted(rng.sample(range(len(train)), dcfg.num_labelled))
-        train = [train[i] for i in keep]
+        train = labelled_subset(train, dcfg.num_labelled, dcfg.split_seed, str(root))
     for c in train + val:
         for f in (c["image"] if isinstance(c["image"], list) else [c["image"]]) + [c["label"]]:
             if not Path(f).exists():
@@ -284,61 +200,14 @@ def list_cases(dcfg) -> tuple[list[dict], list[dict]]:
     return train, val
 
 
-# --------------------------------------------------------------------------------------------- transforms
-
-
-def _check_shapes_transform():
-    from monai.transforms import MapTransform
-
-    class CheckImageLabelShape(MapTransform):
-        """Image and label must cover the same voxel grid (channel dim aside); else DataError naming both."""
-
-        def __init__(self):
-            super().__init__(["image", "label"])
-
-        def __call__(self, data):
-            img, lab = data["image"], data["label"]
-            if tuple(img.shape[1:]) != tuple(lab.shape[1:]) or lab.shape[0] != 1:
-                fi = getattr(img, "meta", {}).get("filename_or_obj", "image")
-                fl = getattr(lab, "meta", {}).get("filename_or_obj", "label")
-                raise DataError(f"label {fl} has shape {tuple(lab.shape[1:])} (channels {lab.shape[0]}) but image "
-                                f"{fi} has shape {tuple(img.shape[1:])}")
-            return data
-
-    return CheckImageLabelShape()
-
-
-def _load_and_geometry(dcfg, keys=("image", "label")) -> list:
-    from monai.transforms import EnsureChannelFirstd, EnsureTyped, LoadImaged, Orientationd, Spacingd
-
-    sd = volume_dims(dcfg)
-    modes = ["bilinear", "nearest"][: len(keys)]
-    t = [LoadImaged(list(keys), image_only=True), EnsureChannelFirstd(list(keys))]
-    if "label" in keys:
-        t.append(_check_shapes_transform())
-    t.append(EnsureTyped(list(keys), dtype=None, track_meta=True))
-    t.append(Orientationd(list(keys), axcodes="RAS"[:sd] if sd == 3 else "RA", labels=None))
-    if dcfg.spacing:
-        t.append(Spacingd(list(keys), pixdim=list(dcfg.spacing), mode=modes))
-    return t
-
-
-def _intensity_and_crop(dcfg, keys=("image", "label")) -> list:
-    from monai.transforms import CropForegroundd, NormalizeIntensityd, ScaleIntensityRanged
-
-    crop = [CropForegroundd(list(keys), source_key="image", allow_smaller=True)] if dcfg.crop_foreground else []
-    if dcfg.modality == "ct":
-        lo, hi = dcfg.intensity_range
-        return [ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)] + crop
-    return crop + [NormalizeIntensityd("image", nonzero=dcfg.mri_norm == "nonzero", channel_wise=True)]
+# --------------------------------------------------------------------------------------------- crops
 
 
 def eval_transforms(dcfg, with_label: bool = True):
-    """Deterministic pre-processing (load, orientation RAS, spacing, intensity, crop foreground)."""
-    from monai.transforms import Compose
+    """The plan's deterministic preprocessing (sslkit.data.preprocess) of {image[, label]} cases."""
+    from sslkit.data.preprocess import preprocess_transforms
 
-    keys = ("image", "label") if with_label else ("image",)
-    return Compose(_load_and_geometry(dcfg, keys) + _intensity_and_crop(dcfg, keys))
+    return preprocess_transforms(dcfg, dcfg.modality, "label" if with_label else None, volume_dims(dcfg))
 
 
 def random_augmentations(dcfg, spatial_dims: int) -> list:
@@ -358,29 +227,67 @@ def random_augmentations(dcfg, spatial_dims: int) -> list:
     return t
 
 
-def train_transforms(dcfg):
-    """Eval pre-processing + random crops by label (pos:neg) + flips / rot90 / intensity jitter."""
+def crop_transforms(dcfg):
+    """The random part of a 3-D (or 2-D image) training item: pad to roi, crops by label (pos:neg),
+    flips / rot90 / intensity jitter. Input: one preprocessed case."""
     from monai.transforms import Compose, RandCropByPosNegLabeld, SpatialPadd
 
     keys = ["image", "label"]
-    t = list(eval_transforms(dcfg).transforms)
-    t += [SpatialPadd(keys, spatial_size=list(dcfg.roi)),
-          RandCropByPosNegLabeld(keys, label_key="label", spatial_size=list(dcfg.roi), pos=dcfg.pos, neg=dcfg.neg,
-                                 num_samples=dcfg.samples_per_volume, image_key="image", image_threshold=0)]
+    t = [SpatialPadd(keys, spatial_size=list(dcfg.roi)),
+         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=list(dcfg.roi), pos=dcfg.pos, neg=dcfg.neg,
+                                num_samples=dcfg.samples_per_volume, image_key="image", image_threshold=0)]
     return Compose(t + random_augmentations(dcfg, len(dcfg.roi)))
 
 
-def make_datasets(dcfg):
-    """(train dataset, val dataset, train cases, val cases); both MONAI CacheDatasets (deterministic part cached)."""
+def slice_transforms(dcfg):
+    """The random 2-D part for slices of volumes: pad / random crop to the 2-D roi, then the augmentations."""
+    from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
+
+    keys = ["image", "label"]
+    t = [SpatialPadd(keys, spatial_size=list(dcfg.roi)),
+         RandSpatialCropd(keys, roi_size=list(dcfg.roi), random_size=False)]
+    return Compose(t + random_augmentations(dcfg, 2))
+
+
+class Augmented:
+    """Random crops / augmentations of cached preprocessed cases: item i = transform(case i). `transform` is
+    re-seeded per epoch by the fine-tuning loop (set_random_state)."""
+
+    def __init__(self, cases, transform):
+        self.cases = cases
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.cases[i])
+
+
+@dataclass
+class Datasets:
+    train: object            # items: {"image": (C, *roi), "label": (1, *roi)} (lists of samples_per_volume in 3-D)
+    val: object              # preprocessed validation cases
+    train_cases: list[dict]
+    val_cases: list[dict]
+    preprocessed_train: object  # the cached preprocessed training cases (for the input statistics)
+
+
+def make_datasets(dcfg) -> Datasets:
+    """Training and validation data of a recipe: every case preprocessed once by the plan's stack and cached in
+    memory (MONAI CacheDataset), training items cut from the cache by the random crops."""
     from monai.data import CacheDataset
+
+    from sslkit.downstream.slices import SliceDataset
 
     train, val = list_cases(dcfg)
     kw = dict(cache_rate=dcfg.cache_rate, num_workers=0, progress=False)
+    val_ds = CacheDataset(val, eval_transforms(dcfg), **kw)
+    # slices: an item reads its cached volume without deep-copying it (only the slice is cloned); 3-D crops start
+    # from a copy of the case, as MONAI's CacheDataset does
+    cases = CacheDataset(train, eval_transforms(dcfg), copy_cache=not dcfg.slices, **kw)
     if dcfg.slices:
-        from sslkit.downstream.slices import SliceDataset
-
-        # copy_cache=False: a slice item reads its volume without deep-copying the whole volume each time
-        return (SliceDataset(CacheDataset(train, eval_transforms(dcfg), copy_cache=False, **kw), dcfg),
-                CacheDataset(val, eval_transforms(dcfg), **kw), train, val)
-    return (CacheDataset(train, train_transforms(dcfg), **kw), CacheDataset(val, eval_transforms(dcfg), **kw),
-            train, val)
+        items = SliceDataset(cases, dcfg.slice_channels, slice_transforms(dcfg))
+    else:
+        items = Augmented(cases, crop_transforms(dcfg))
+    return Datasets(items, val_ds, train, val, cases)

@@ -19,14 +19,6 @@ from sslkit.downstream.metrics import case_metrics, jsonable, summarize
 from sslkit.errors import ConfigError
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: cuda requested but no CUDA device is available")
-    return torch.device(name)
-
-
 def class_names(cfg) -> list[str]:
     names = list(cfg.data.label_names)
     n = cfg.data.num_classes - 1
@@ -114,30 +106,39 @@ def _fmt(v) -> str:
 
 def evaluate(run_dir: str | Path, ckpt: str | Path | None = None, out_dir: str | Path | None = None,
              data_root: str | None = None, device: str = "auto", max_cases: int | None = None) -> dict:
-    """Evaluate a finetune run's best checkpoint on its validation cases.
+    """Evaluate a fine-tuning run's best model (or `ckpt`: a model file or checkpoint folder) on its validation
+    cases, preprocessed by the model's own plan.
 
     Writes <out_dir or run_dir/eval>/metrics.json, per_case.csv, report.md; returns the summary dict.
     `data_root` replaces the recipe's data.root (e.g. the data moved); `max_cases` evaluates that many evenly
     spaced validation cases only (quick checks; the same subset as train.val_cases).
     """
-    from sslkit.downstream.adapt import model_from_checkpoint
-    from sslkit.downstream.data import eval_transforms, list_cases
-
-    run_dir = Path(run_dir)
-    model, cfg, ck = model_from_checkpoint(ckpt or run_dir / "checkpoints" / "best.pt")
-    if data_root:
-        cfg.data.root = data_root
-    dev = resolve_device(device)
-    model.to(dev)
     from monai.data import Dataset
 
+    from sslkit.downstream.adapt import load_finetuned
+    from sslkit.downstream.data import eval_transforms, list_cases
+    from sslkit.run import pick_device
+
+    run_dir = Path(run_dir)
+    refuse_pretraining_run(run_dir, "evaluate")
+    model, cfg, _, path = load_finetuned(ckpt or run_dir)
+    if data_root:
+        cfg.data.root = data_root
+    dev = pick_device(device)
+    model.to(dev)
     _, val = list_cases(cfg.data)
     summary, per_case = validate(model, Dataset(val, eval_transforms(cfg.data)), cfg, dev, val, max_cases)
-    summary["checkpoint"] = ck["path"]
-    summary["step"] = int(ck.get("step", -1))
+    summary["checkpoint"] = str(path)
     write_reports(summary, per_case, class_names(cfg), Path(out_dir) if out_dir else run_dir / "eval",
                   f"{cfg.data.task or cfg.data.layout}: {run_dir.name}")
     return summary
+
+
+def refuse_pretraining_run(run_dir: Path, command: str) -> None:
+    """A one-line ConfigError when `run_dir` is a pretraining run (it has an encoder, not a segmenter)."""
+    if (run_dir / "encoder.safetensors").is_file() or any((run_dir / "checkpoints").glob("step_*/student.safetensors")):
+        raise ConfigError(f"{run_dir}: a pretraining run; `sslkit {command}` takes fine-tuning runs (fine-tune its "
+                          f"encoder first: sslkit finetune --cfg RECIPE --encoder {run_dir})")
 
 
 def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
@@ -148,6 +149,7 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
     """
     runs = []
     for r in run_dirs:
+        refuse_pretraining_run(Path(r), "compare")
         p = Path(r) / "eval" / "metrics.json"
         if not p.is_file():
             raise ConfigError(f"{p}: not found; run `sslkit evaluate {r}` first")

@@ -19,25 +19,14 @@ def repeat_channels(x: torch.Tensor, times: int, dim: int) -> torch.Tensor:
     return x if times == 1 else torch.cat([x] * times, dim=dim)
 
 
-def slice_train_transforms(dcfg):
-    from monai.transforms import Compose, RandSpatialCropd, SpatialPadd
-
-    from sslkit.downstream.data import random_augmentations
-
-    keys = ["image", "label"]
-    t = [SpatialPadd(keys, spatial_size=list(dcfg.roi)),
-         RandSpatialCropd(keys, roi_size=list(dcfg.roi), random_size=False)]
-    return Compose(t + random_augmentations(dcfg, 2))
-
-
 class SliceDataset(Dataset):
-    """Axial slices of pre-processed volumes: item i -> {"image": (C * slice_channels, h, w), "label": (1, h, w)}.
+    """Axial slices of pre-processed volumes: item i -> {"image": (C * channels, h, w), "label": (1, h, w)}.
     `transform` is the random 2D part (the fine-tuning loop re-seeds it per epoch)."""
 
-    def __init__(self, volumes: Dataset, dcfg):
+    def __init__(self, volumes: Dataset, channels: int, transform):
         self.volumes = volumes
-        self.channels = dcfg.slice_channels
-        self.transform = slice_train_transforms(dcfg)
+        self.channels = channels
+        self.transform = transform
         self.index = [(v, z) for v in range(len(volumes)) for z in range(volumes[v]["image"].shape[-1])]
 
     def __len__(self) -> int:

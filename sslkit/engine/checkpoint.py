@@ -1,13 +1,14 @@
-"""Atomic, resumable checkpoints that never unpickle arbitrary objects.
+"""Pretraining checkpoints (DeepSpeed state + sslkit state) that never unpickle arbitrary objects.
 
-Layout of one checkpoint, `checkpoints/step_00000040/`:
+Layout of one checkpoint, `checkpoints/step_00000040/` (folder mechanics, markers and pruning: sslkit.run):
   ds/                 DeepSpeed model + optimizer + scheduler states (per-rank partitions under ZeRO)
-  student.safetensors full fp32 student (encoder.* and objective heads), gathered under ZeRO-3
+  student.safetensors full fp32 student (encoder.* and objective heads), gathered under ZeRO-3; the plan in
+                      its metadata
   teacher.safetensors EMA teachers
-  rank{r}.safetensors RNG states of rank r (torch, CUDA) and monitor tensors
+  rank{r}.safetensors RNG states of rank r (torch, CUDA, objective generators) and monitor tensors
   rank{r}.json        numpy / python RNG states of rank r
   trainer.json        step counters, elapsed time, health
-  COMPLETE            written last; a directory without it is never resumed from
+  COMPLETE            written last: every file's size and checksum; a folder without it is never resumed from
 Every rank writes into `.tmp-step_XXXXXXXX/`, then rank 0 renames it into place (one atomic rename).
 """
 
@@ -15,35 +16,16 @@ from __future__ import annotations
 
 import copyreg
 import json
-import os
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from sslkit import run as R
 from sslkit.engine import distributed as D
-
-COMPLETE = "COMPLETE"
-
-
-def step_dir_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def list_checkpoints(ckpt_root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    if not ckpt_root.is_dir():
-        return []
-    found = [p for p in ckpt_root.glob("step_*") if (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    found = list_checkpoints(ckpt_root)
-    return found[-1] if found else None
+from sslkit.plan import write_weights
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -112,53 +94,96 @@ def _enum_by_value(member):
 
 def write_checkpoint(ckpt_root: Path, step: int, engine, student_state: dict, teacher_state: dict,
                      rank_tensors: dict[str, torch.Tensor], rank_plain: dict, trainer_state: dict,
-                     keep_last: int, protect: set[str] = frozenset()) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
-    final = ckpt_root / step_dir_name(step)
-    tmp = ckpt_root / f".tmp-{final.name}"
+                     keep_last: int, protect: set[str] = frozenset(), plan: dict | None = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory. A failed write (disk full, ...) removes the
+    temporary folder and raises on every rank; the previous checkpoints stay as they were."""
+    import shutil
+
+    def _free_bytes(folder: Path) -> int | None:
+        try:
+            return shutil.disk_usage(folder if folder.exists() else folder.parent).free
+        except OSError:
+            return None
+
     r = D.rank()
+    tmp = ckpt_root / f".tmp-{R.step_dir_name(step)}"
+    error = None
     if r == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    D.barrier()
+        try:
+            R.begin_checkpoint(ckpt_root, step)
+        except BaseException as e:  # noqa: BLE001 - shared with the other ranks below
+            error = e
+    if D.any_flag(error is not None):
+        _raise_write_error(error, tmp)
     _allow_deepspeed_globals()  # also makes the saved file loadable with weights_only on every Python
-    engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
-    save_tensors(rank_tensors, tmp / f"rank{r}.safetensors")
-    (tmp / f"rank{r}.json").write_text(json.dumps(rank_plain), encoding="utf-8")
+    try:
+        engine.save_checkpoint(str(tmp / "ds"), tag="state", save_latest=False)
+        save_tensors(rank_tensors, tmp / f"rank{r}.safetensors")
+        R.atomic_write_json(tmp / f"rank{r}.json", rank_plain, indent=None)
+        if r == 0:
+            write_weights(tmp / "student.safetensors", student_state, plan)
+            if teacher_state:
+                save_tensors(teacher_state, tmp / "teacher.safetensors")
+            R.atomic_write_json(tmp / "trainer.json", trainer_state)
+    except BaseException as e:  # noqa: BLE001
+        error = e
+    free_at_failure = _free_bytes(tmp) if error is not None else None  # before the partial files are removed
+    if D.any_flag(error is not None):
+        if r == 0:
+            R.abandon_checkpoint(tmp)
+        _raise_write_error(error, tmp, free_at_failure)
+    final = tmp.parent / R.step_dir_name(step)
     if r == 0:
-        save_tensors(student_state, tmp / "student.safetensors")
-        if teacher_state:
-            save_tensors(teacher_state, tmp / "teacher.safetensors")
-        (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1), encoding="utf-8")
-    D.barrier()
-    if r == 0:
-        _fsync_dir(tmp)
-        (tmp / COMPLETE).write_text(str(step), encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _prune(ckpt_root, keep_last, protect | {final.name})
-    D.barrier()
+        try:  # the COMPLETE marker can meet a full disk too
+            R.finish_checkpoint(tmp, step, keep_last, set(protect))
+        except BaseException as e:  # noqa: BLE001
+            error = e
+            free_at_failure = _free_bytes(tmp)
+    if D.any_flag(error is not None):  # collective: also the barrier every rank waits at
+        if r == 0:
+            R.abandon_checkpoint(tmp)
+        _raise_write_error(error, tmp, free_at_failure)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.rglob("*"):
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
+def _raise_write_error(error: BaseException | None, tmp: Path, free_at_failure: int | None = None) -> None:
+    """A failed checkpoint write as one line (disk full gets its own); ranks that only learnt of another rank's
+    failure stop with a line saying so.
 
-def _prune(ckpt_root: Path, keep_last: int, protect: set[str]) -> None:
-    found = list_checkpoints(ckpt_root)
-    for old in found[:-keep_last] if keep_last > 0 else []:
-        if old.name not in protect:
-            shutil.rmtree(old, ignore_errors=True)
+    Disk full is recognised however the writer reports it: OSError(ENOSPC); safetensors' "No space left on device
+    (os error 28)"; torch.save's stream errors ("unexpected pos", "file write failed") that carry no errno, taken
+    as disk full when under 64 MiB were free as the write failed."""
+    import errno
+    import shutil
+
+    from sslkit.errors import UserError
+
+    nearly_full = 64 << 20
+    chain, e = [], error
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = any((isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left on device" in str(x)
+               or "os error 28" in str(x) for x in chain)
+    full = full or (isinstance(error, Exception) and not isinstance(error, UserError) and free_at_failure is not None
+                    and free_at_failure < nearly_full)
+    if full:
+        found = R.list_checkpoints(tmp.parent)
+        free = shutil.disk_usage(tmp.parent).free  # measured after the partial folder was removed
+        needed = f"a checkpoint needs about {R.checkpoint_bytes(found[-1]):,} bytes, " if found else ""
+        kept = f"{found[-1].name} is intact" if found else "no checkpoint was written yet"
+        raise UserError(f"{tmp.parent}: disk full while writing the checkpoint of step "
+                        f"{tmp.name.rsplit('_', 1)[-1].lstrip('0') or 0} ({needed}{free:,} bytes are free); "
+                        f"{kept}, no partial folder is left") from None
+    if error is not None:
+        raise error
+    raise UserError("another rank failed to write its part of the checkpoint; the previous checkpoint is intact")
 
 
 def read_checkpoint(path: Path, engine) -> dict:
     """Restore the DeepSpeed engine from `path` and return the sslkit-side state (collective)."""
-    if not (path / COMPLETE).is_file():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint")
+    R.require_valid_checkpoint(path)
     engine.checkpoint_engine = SafeTorchCheckpointEngine(engine.checkpoint_engine)
     load_path, _ = engine.load_checkpoint(str(path / "ds"), tag="state", load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
@@ -172,15 +197,6 @@ def read_checkpoint(path: Path, engine) -> dict:
         "rank_plain": json.loads((path / f"rank{r}.json").read_text(encoding="utf-8")),
         "trainer": read_trainer_state(path),
     }
-
-
-def truncate_jsonl(path: Path, step: int) -> None:
-    """Drop the lines of a per-step log past `step`: a resumed run writes them again (0: a fresh start)."""
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines()
-            if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
 
 
 def read_trainer_state(path: Path) -> dict:

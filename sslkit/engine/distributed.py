@@ -28,11 +28,10 @@ def ensure_launcher_env() -> None:
 
 
 def pick_device(pref: str) -> torch.device:
-    if pref == "cuda" or (pref == "auto" and torch.cuda.is_available()):
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
+    """The run layer's device choice (one-line error for cuda without CUDA), on this process's local rank."""
+    from sslkit.run import pick_device as pick
+
+    return pick(pref, int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def init_distributed(device: torch.device) -> None:
@@ -44,9 +43,28 @@ def init_distributed(device: torch.device) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
+    if os.environ.get("SSLKIT_QUIET"):
+        import logging
+
+        logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    _skip_shm_comm_build()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="gloo" if device.type == "cpu" else "nccl",
                                    verbose=False)
+
+
+def _skip_shm_comm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce (about 30 s on a fresh machine) when it starts its CPU
+    backend; it serves only inference_all_reduce, which training never calls, so mark it unavailable."""
+    try:
+        import deepspeed.ops
+        from deepspeed.accelerator import get_accelerator
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    except Exception:  # noqa: BLE001 - an older / newer DeepSpeed without it: nothing to skip
+        pass
 
 
 def rank() -> int:
@@ -62,12 +80,42 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast_flag(flag: bool, device: torch.device | None = None) -> bool:
     """Rank 0's decision, on every rank (a no-op for one process)."""
+    return bool(broadcast_int(int(flag)))
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's integer, on every rank."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.long, device=_collective_device())
     dist.broadcast(t, src=0)
+    return int(t.item())
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The mean of each value over every rank (one all-reduce); as is for one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+
+
+def any_flag(flag: bool) -> bool:
+    """True on every rank when it is true on any rank (a barrier too)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 

@@ -1,8 +1,10 @@
-"""Learning-rate schedule indexed in optimizer steps."""
+"""Learning-rate schedules indexed in optimizer steps, one set for both training loops (`optim.schedule`)."""
 
 from __future__ import annotations
 
 import math
+
+import torch
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -12,3 +14,22 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     span = max(total_steps - warmup_steps, 1)
     progress = min(max(step - warmup_steps, 0) / span, 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup_constant(step: int, warmup_steps: int) -> float:
+    return (step + 1) / warmup_steps if warmup_steps > 0 and step < warmup_steps else 1.0
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, total_steps: int):
+    """The schedule `optim.schedule` names, stepped once per optimizer step over `total_steps`:
+    cosine      linear warm-up over optim.warmup_steps, then cosine to optim.min_lr_ratio x lr
+    constant    linear warm-up, then lr
+    one_cycle   torch's OneCycleLR peaking at each parameter group's lr (PUNet prompt tuning)."""
+    o = optim_cfg
+    if o.schedule == "one_cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=max(2, total_steps))
+    if o.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_constant(s, o.warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, o.warmup_steps, total_steps, o.min_lr_ratio))

@@ -1,15 +1,14 @@
 """The pretraining loop: DeepSpeed engine, gradient accumulation, teacher EMA per optimizer step, metrics,
-alarms, atomic checkpoints and exact resume.
+alarms, atomic checkpoints carrying the plan, exact resume, and stopping on a scheduler's signal.
 
 One code path serves one process without a launcher (the CLI sets the launcher's variables), `torchrun`
-on CPU (gloo) and CUDA (nccl). Schedules (lr, EMA tau) are indexed in optimizer steps.
+on CPU (gloo) and CUDA (nccl). Schedules (lr, EMA tau) are indexed in optimizer steps. The run directory's
+rules (refuse / resume / lock / config / logs) are sslkit.run's, shared with fine-tuning.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,12 +17,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sslkit.config import Config, save_config
+from sslkit import run as R
+from sslkit.config import Config
 from sslkit.engine import checkpoint as C
 from sslkit.engine import distributed as D
 from sslkit.engine.sampler import EpochSampler
-from sslkit.engine.schedules import warmup_cosine
-from sslkit.errors import ConfigError
+from sslkit.engine.schedules import make_scheduler
+from sslkit.errors import ConfigError, UserError
 from sslkit.models import build_encoder
 from sslkit.objectives.base import ObjectiveOutput
 from sslkit.objectives.composite import Composite
@@ -46,7 +46,10 @@ class RunResult:
     run_dir: Path
     steps: int
     stopped_by_alarm: bool = False
+    stopped_by_signal: str | None = None
+    stopped_by_nonfinite: str | None = None   # what was non-finite, and the last finite checkpoint
     last_metrics: dict = field(default_factory=dict)
+
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -56,6 +59,31 @@ def build_model(cfg: Config) -> SSLModel:
     m = cfg.model
     encoder = build_encoder(m.name, spatial_dims=m.spatial_dims, in_channels=m.in_channels, **m.args)
     return SSLModel(encoder, Composite.from_specs(cfg.objectives, encoder))
+
+
+def check_buildable(cfg: Config, device: torch.device) -> None:
+    """Model, objective and run options, checked on empty (meta) weights before any scan is read: a typo costs
+    seconds, not a corpus cache. One-line ConfigError naming the key."""
+    from sslkit.data.views import validate_view_config
+    from sslkit.models.base import empty_weights
+
+    t = cfg.train
+    validate_view_config(cfg.data.views)
+    if cfg.model.init_from and not Path(cfg.model.init_from).expanduser().exists():
+        raise ConfigError(f"model.init_from: {cfg.model.init_from} not found")
+    if t.precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+    try:
+        with empty_weights():
+            model = build_model(cfg)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model / objectives: {str(e).splitlines()[0]}") from None
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    if t.micro_batch_size < 2:
+        for i, obj in enumerate(model.objectives.objectives):
+            if any(isinstance(mod, norms) for mod in obj.modules()):
+                raise ConfigError(f"train.micro_batch_size: 1 is too few for the BatchNorm heads of objectives[{i}] "
+                                  f"({obj.name}); use 2 or more, or head_norm: layer")
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -83,26 +111,60 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.betas[0])
-    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}.get(o.name)
-    if cls is None:
-        raise ConfigError(f"optim.name: '{o.name}' is not one of adamw, adam, sgd")
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
     return cls(groups, lr=o.lr, betas=tuple(o.betas))
 
 
 def make_dataset(cfg: Config, run_dir: Path):
-    from sslkit.data import PretrainDataset, load_datalist
+    """The pretraining dataset over the store in `cache_dir_of(cfg, run_dir)`, holding what the objectives request
+    (`Composite.data_requests`). One process prepares missing volumes itself; under a launcher every rank prepares
+    its part of the datalist at once, waiting for the others by polling markers in the run directory (no
+    collective is held while scans are preprocessed), then opens the complete store."""
+    import random
 
-    if not cfg.data.datalist:
-        raise ConfigError("data.datalist: no datalist given (a JSON file or a folder of scans)")
+    from sslkit.data.datalist import load_datalist
+    from sslkit.data.prepare import MARKERS, prepare_with_ranks
+    from sslkit.data.pretrain import PretrainDataset
+    from sslkit.models.base import empty_weights
+
+    with empty_weights():
+        requests = build_model(cfg).objectives.data_requests()
     items = load_datalist(cfg.data.datalist, key=cfg.data.datalist_key)
-    cache = Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir.parent / ".cache" / "sslkit"
-    ds = PretrainDataset(items, cfg.data, cache, seed=cfg.train.seed, skipped_log=run_dir / "skipped.jsonl")
-    if D.rank() == 0:
-        ds.prepare(progress=True)
-    D.barrier()
-    if D.rank() != 0:
-        ds.prepare(progress=False)  # reads the cache rank 0 just wrote
-    return ds
+    ds = PretrainDataset(items, cfg.data, cache_dir_of(cfg, run_dir), seed=cfg.train.seed,
+                         skipped_log=run_dir / "skipped.jsonl", spatial_dims=cfg.model.spatial_dims,
+                         requests=requests)
+    rank, world = D.rank(), D.world_size()
+    if world == 1:
+        return ds.prepare(progress=True)
+    token = D.broadcast_int(random.SystemRandom().randrange(1, 2**62) if rank == 0 else 0)
+    return prepare_with_ranks(ds, rank, world, Path(run_dir) / MARKERS / f"{token:x}", D.barrier,
+                              progress=rank == 0)
+
+
+def cache_dir_of(cfg: Config, run_dir: Path) -> Path:
+    """data.cache_dir (a store prepared by `sslkit data prepare`, or one pretraining fills), else
+    <run_dir>/../.cache/sslkit."""
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(run_dir).parent / ".cache" / "sslkit"
+
+
+def pretraining_plan(cfg: Config, recipe: dict | None, corpus: dict | None, strides: list) -> dict:
+    """The plan every checkpoint and export of this run carries (sslkit.plan)."""
+    from sslkit.plan import make_plan, preprocessing_plan
+
+    m = cfg.model
+    prep = preprocessing_plan(cfg.data, m.spatial_dims, m.in_channels, slices=m.spatial_dims == 2)
+    channels = [int(c) for c in getattr(build_model_encoder_shape(cfg), "feature_channels", [])]
+    return make_plan(m.name, m.args, prep, channels, strides, recipe=recipe, corpus=corpus,
+                     source={"kind": "pretrain", "objectives": [o["name"] for o in cfg.objectives]})
+
+
+def build_model_encoder_shape(cfg: Config):
+    """The encoder on empty weights (for its attributes only)."""
+    from sslkit.models.base import empty_weights
+
+    with empty_weights():
+        m = cfg.model
+        return build_encoder(m.name, spatial_dims=m.spatial_dims, in_channels=m.in_channels, **m.args)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -144,62 +206,89 @@ def _update_to_weight(module: nn.Module, before: list[torch.Tensor] | None) -> f
     return math.sqrt(num) / max(math.sqrt(den), 1e-12)
 
 
-class _JsonlWriter:
-    def __init__(self, path: Path):
-        self.f = open(path, "a", buffering=1, encoding="utf-8")
+def _open_run(cfg: Config, run_dir: Path, resume: str | None) -> R.RunDir:
+    """Rank 0 opens the run directory (refuse / resume / lock); every rank learns the checkpoint it starts from."""
+    rank = D.rank()
+    run, error = None, None
+    if rank == 0:
+        try:
+            run = R.RunDir.open(run_dir, resume, cfg.to_dict(), warn=lambda line: print(f"sslkit: warning: {line}",
+                                                                                          file=sys.stderr))
+        except UserError as e:
+            error = e
+    step = D.broadcast_int(-2 if error else (run.start_step if run and run.resume_from else -1))
+    if error is not None:
+        raise error
+    if step == -2:
+        raise UserError(f"{run_dir}: rank 0 could not open the run directory")
+    if rank == 0:
+        return run
+    start = None
+    if step >= 0:
+        start = Path(resume) if resume not in (None, "auto") else run_dir / R.CHECKPOINTS / R.step_dir_name(step)
+    return R.RunDir.open(run_dir, resume, {}, owner=False, resume_from=start)
 
-    def write(self, obj: dict) -> None:
-        self.f.write(json.dumps(obj) + "\n")
 
-    def close(self) -> None:
-        self.f.close()
+def _seed_generators(objectives: Composite, seed: int, rank: int) -> None:
+    """Each objective generator gets its own stream per rank (same seed and rank -> same stream)."""
+    for i, (name, gen) in enumerate(sorted(objectives.generators().items())):
+        gen.manual_seed((seed * 1_000_003 + rank * 7919 + i * 104_729) % (2**63))
 
 
-def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    if not resume:
-        if C.latest_checkpoint(run_dir / "checkpoints") is not None:
-            raise ConfigError(f"{run_dir}: already holds a run with checkpoints; continue it with --resume auto "
-                              f"or choose another --run-dir")
-        return None
-    if resume == "auto":
-        return C.latest_checkpoint(run_dir / "checkpoints")
-    p = Path(resume)
-    if not (p / C.COMPLETE).is_file():
-        raise ConfigError(f"--resume {resume}: not a complete checkpoint directory")
-    return p
+def _nonfinite_params(module: nn.Module) -> bool:
+    """True when any local parameter (or ZeRO-3 partition) holds a NaN / inf."""
+    for p in module.parameters():
+        t = getattr(p, "ds_tensor", p)
+        if t.numel() and not bool(torch.isfinite(t.detach()).all()):
+            return True
+    return False
 
 
 # ------------------------------------------------------------------------------------------------ loop
 
 
-def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True) -> RunResult:
-    """Run (or resume) pretraining into `run_dir`. Collective under torchrun."""
+def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
+             recipe: str | Path | None = None) -> RunResult:
+    """Run (or resume) pretraining into `run_dir`. Collective under torchrun. `recipe`: the YAML file the config
+    came from (recorded in the plan)."""
+    run_dir = Path(run_dir)
+    device = D.pick_device(cfg.train.device)
+    check_buildable(cfg, device)
+    D.init_distributed(device)
+    if cfg.train.threads > 0:
+        torch.set_num_threads(cfg.train.threads)
+    run = _open_run(cfg, run_dir, resume)
+    ok = False
+    try:
+        with R.StopSignals() as stop:
+            result = _train(cfg, run, device, progress, stop, recipe)
+        ok = True
+        return result
+    finally:
+        run.close(ok)
+
+
+def _train(cfg: Config, run: R.RunDir, device: torch.device, progress: bool, stop: R.StopSignals,
+           recipe) -> RunResult:
     import deepspeed
 
-    from sslkit.monitor.monitor import Monitor, TBLogger
+    from sslkit.monitor.monitor import Monitor
+    from sslkit.monitor.trackers import Trackers
+    from sslkit.plan import recipe_record
 
-    run_dir = Path(run_dir)
-    t = cfg.train
-    device = D.pick_device(t.device)
-    D.init_distributed(device)
+    run_dir, t = run.root, cfg.train
     rank, world = D.rank(), D.world_size()
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    ckpt_path = resolve_resume(run_dir, resume)  # before anything is written: a refusal changes nothing
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    D.barrier()
-    if rank == 0:  # lines of steps the (re)started run will write again
-        start = C.read_trainer_state(ckpt_path)["step"] if ckpt_path is not None else 0
-        for name in ("metrics.jsonl", "alarms.jsonl"):
-            C.truncate_jsonl(run_dir / name, start)
     dataset = make_dataset(cfg, run_dir)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg)
+    if cfg.model.init_from and run.resume_from is None:
+        from sslkit.models.weights import load_pretrained
+
+        desc = load_pretrained(model.encoder, cfg.model.init_from)
+        if rank == 0:
+            print(f"encoder weights: {desc}", flush=True)
     optimizer = make_optimizer(cfg, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, cfg.optim.warmup_steps, t.max_steps, cfg.optim.min_lr_ratio))
+    sched = make_scheduler(optimizer, cfg.optim, t.max_steps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched,
                                            config=deepspeed_config(cfg))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
@@ -207,107 +296,212 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
     for teacher in objectives.teachers().values():
         teacher.to(device)
         teacher.gather = D.zero3_gather
+    _seed_generators(objectives, t.seed, rank)
+    generators = objectives.generators()
 
     monitor = Monitor(cfg.monitor, run_dir if rank == 0 else None)  # rank 0 decides and logs alarms
-    step, micro_step, elapsed, healthy_ckpt = 0, 0, 0.0, None
+    step, micro_step, elapsed, healthy_ckpt, skipped = 0, 0, 0.0, None, 0
     torch.manual_seed(t.seed * 7919 + rank)  # run-time randomness (objective masks, rotations) per rank
-    if ckpt_path is not None:
-        state = C.read_checkpoint(ckpt_path, engine)
+    if run.resume_from is not None:
+        state = C.read_checkpoint(run.resume_from, engine)
         objectives.load_teacher_state(state["teacher"])
         C.set_rng_state(state["rank_tensors"], state["rank_plain"]["rng"])
+        for name, gen in generators.items():
+            gen.set_state(state["rank_tensors"][f"gen.{name}"])
         monitor.load_state_dict(_monitor_state_from(state))
         tr = state["trainer"]
         step, micro_step, elapsed, healthy_ckpt = tr["step"], tr["micro_step"], tr["elapsed"], tr.get("healthy")
+        skipped = tr.get("skipped_steps", 0)
         if rank == 0:
-            print(f"resumed from {ckpt_path} at step {step}", flush=True)
+            print(f"resumed from {run.resume_from} at step {step}", flush=True)
 
     sampler = EpochSampler(len(dataset), t.micro_batch_size, t.seed, rank, world, start_micro_step=micro_step)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler,
                                          num_workers=t.num_workers, drop_last=True,
                                          pin_memory=device.type == "cuda")
-    metrics_out = _JsonlWriter(run_dir / "metrics.jsonl") if rank == 0 else None
-    tb = TBLogger(run_dir) if rank == 0 else None
+    metrics_out = R.JsonlWriter(run_dir / "metrics.jsonl") if rank == 0 else None
+    trackers = Trackers.open(cfg.logging, run_dir, run_dir.name, cfg.to_dict(),
+                             resume_step=step if run.resume_from is not None else None) if rank == 0 else None
     bar = _progress_bar(t.max_steps, step) if (rank == 0 and progress) else None
     probe_crops = dataset.probe_crops(cfg.monitor.probe_crops) if cfg.monitor.probe_every else None
+    plan_cache: dict = {}
 
-    def save(final_step: int, healthy: bool) -> Path:
+    def plan() -> dict:
+        if "plan" not in plan_cache:
+            from sslkit.models.base import measure_feature_strides
+
+            partitioned = any(hasattr(p, "ds_id") for p in model.encoder.parameters())
+            encoder = build_model(cfg).encoder if partitioned else model.encoder  # ZeRO-3: a CPU copy for shapes
+            strides = measure_feature_strides(encoder, list(cfg.data.roi))
+            plan_cache["plan"] = pretraining_plan(cfg, recipe_record(recipe), dataset.corpus_summary(), strides)
+        return plan_cache["plan"]
+
+    def save(final_step: int, healthy: bool) -> Path | None:
         nonlocal healthy_ckpt
+        student = _full_state(model)
+        if D.any_flag(any(not bool(torch.isfinite(v).all()) for v in student.values() if v.is_floating_point())):
+            _say(bar, f"step {final_step}: the weights hold NaN / inf values; no checkpoint written")
+            return None
         rng_t, rng_p = C.rng_state()
+        gen_t = {f"gen.{k}": g.get_state() for k, g in generators.items()}
         mon_t, mon_p = _split_state(monitor.state_dict())
-        name = C.step_dir_name(final_step)
+        name = R.step_dir_name(final_step)
         if healthy:
             healthy_ckpt = name
         trainer_state = {"step": final_step, "micro_step": micro_step, "epoch": sampler.epoch_of(micro_step),
-                         "elapsed": elapsed, "healthy": healthy_ckpt, "world_size": world}
-        return C.write_checkpoint(run_dir / "checkpoints", final_step, engine, _full_state(model),
-                                  objectives.teacher_state(), {**rng_t, **{f"mon.{k}": v for k, v in mon_t.items()}},
+                         "elapsed": elapsed, "healthy": healthy_ckpt, "world_size": world, "skipped_steps": skipped}
+        return C.write_checkpoint(run.checkpoints, final_step, engine, student, objectives.teacher_state(),
+                                  {**rng_t, **gen_t, **{f"mon.{k}": v for k, v in mon_t.items()}},
                                   {"rng": rng_p, "monitor": mon_p}, trainer_state, t.keep_last,
-                                  protect={healthy_ckpt} if healthy_ckpt else set())
+                                  protect={healthy_ckpt} if healthy_ckpt else set(), plan=plan() if rank == 0 else None)
 
-    stopped, last, loss_acc, logs_acc, n_acc = False, {}, 0.0, {}, 0
+    stopped, stop_signal, last, loss_acc, logs_acc, n_acc = False, None, {}, 0.0, {}, 0
+    nonfinite_stop, skipped_in_a_row = None, 0
     step_start = time.perf_counter()
     snapshot = None
-    data_iter = iter(loader)
-    while step < t.max_steps:
-        batch = _to_device(next(data_iter), device, dtype)
-        boundary = engine.is_gradient_accumulation_boundary()
-        if boundary and monitor.cfg.enabled:
-            snapshot = _param_snapshot(model)
-        out = engine(batch)
-        engine.backward(out.loss)
-        skipped_before = engine.skipped_steps
-        local_norm = _param_grad_norm(model) if boundary else None  # before step() clips and zeroes them
-        engine.step()
-        micro_step += 1
-        loss_acc += float(out.loss.detach())
-        for k, v in out.logs.items():
-            logs_acc[k] = logs_acc.get(k, 0.0) + v
-        n_acc += 1
-        monitor.observe(out.embeddings, out.teacher_embeddings)
-        if not boundary:
-            continue
-        step += 1
-        if engine.skipped_steps == skipped_before:  # fp16 overflow skips the optimizer step: no EMA then
-            objectives.on_optimizer_step(step, t.max_steps)
-        now = time.perf_counter()
-        dt, step_start = now - step_start, now
-        elapsed += dt
-        extra = {"loss": loss_acc / n_acc, **{k: v / n_acc for k, v in logs_acc.items()},
-                 "lr": sched.get_last_lr()[0], "grad_norm": _grad_norm(engine) or local_norm,
-                 "update_to_weight": _update_to_weight(model, snapshot)}
-        extra = {k: v for k, v in extra.items() if v is not None}
-        loss_acc, logs_acc, n_acc = 0.0, {}, 0
-        metrics = monitor.end_step(step, extra)
-        if probe_crops is not None and step % cfg.monitor.probe_every == 0:
-            metrics.update(monitor.probe(model.encoder, probe_crops.to(device, dtype), step))
-        events = monitor.check_alarms(step, {**extra, **metrics})
-        samples = t.micro_batch_size * t.grad_accum_steps * world
-        last = {"step": step, "micro_step": micro_step, "epoch": sampler.epoch_of(micro_step - 1), **extra,
-                **objectives.log_scalars(), **metrics, "samples_per_s": samples / max(dt, 1e-9),
-                "time": elapsed}
-        if rank == 0:
-            metrics_out.write(last)
-            tb.log(step, last)
-            if bar is not None:
-                _advance(bar, last)
-            for e in events:
-                _say(bar, f"ALARM [{e.action}] {e.message}")
-        stop_events = [e for e in events if e.action in ("stop", "stop_keep_healthy")]
-        if D.broadcast_flag(bool(stop_events), device):  # every rank leaves the loop together
-            stopped = True
-            _finish_stop(run_dir, stop_events, healthy_ckpt, rank)
-            break
-        if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps:
-            save(step, healthy=monitor.last_healthy_step == step)
+    try:
+        data_iter = iter(loader)
+        while step < t.max_steps:
+            batch = _to_device(next(data_iter), device, dtype)
+            boundary = engine.is_gradient_accumulation_boundary()
+            if boundary and monitor.cfg.enabled:
+                snapshot = _param_snapshot(model)
+            out = engine(batch)
+            engine.backward(out.loss)
+            skipped_before = engine.skipped_steps
+            loss_now = float(out.loss.detach())
+            local_norm = _param_grad_norm(model) if boundary else None  # before step() clips and zeroes them
+            bad = None
+            if boundary:
+                bad = D.any_flag(not math.isfinite(loss_acc + loss_now) or
+                                 (local_norm is not None and not math.isfinite(local_norm)))
+            why = _why_stop(t.nonfinite, skipped_in_a_row + 1, model) if bad else None
+            if why:
+                nonfinite_stop = _nonfinite_message(step + 1, why, run, healthy_ckpt)
+                break
+            with _skipped_update(engine) if bad else _nothing():
+                engine.step()
+            if bad and engine.skipped_steps == skipped_before and D.any_flag(_nonfinite_params(model)):
+                nonfinite_stop = _nonfinite_message(step + 1, "DeepSpeed applied the step: under ZeRO >= 1 in fp32 it "
+                                                    "checks gradients only with train.grad_clip > 0", run, healthy_ckpt)
+                break
+            micro_step += 1
+            loss_acc += loss_now
+            for k, v in out.logs.items():
+                logs_acc[k] = logs_acc.get(k, 0.0) + v
+            n_acc += 1
+            monitor.observe(out.embeddings, out.teacher_embeddings)
+            if not boundary:
+                continue
+            step += 1
+            applied = engine.skipped_steps == skipped_before and not bad  # overflow / non-finite: no update, no EMA
+            if applied:
+                objectives.on_optimizer_step(step, t.max_steps)
+                skipped_in_a_row = 0
+            else:
+                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
+            now = time.perf_counter()
+            dt, step_start = now - step_start, now
+            elapsed += dt
+            losses = D.mean_across_ranks({"loss": loss_acc / n_acc, **{k: v / n_acc for k, v in logs_acc.items()}})
+            extra = {**losses,
+                     "lr": sched.get_last_lr()[0], "grad_norm": _grad_norm(engine) or local_norm,
+                     "update_to_weight": _update_to_weight(model, snapshot) if applied else 0.0,
+                     "skipped_steps": skipped}
+            extra = {k: v for k, v in extra.items() if v is not None}
+            loss_acc, logs_acc, n_acc = 0.0, {}, 0
+            metrics = monitor.end_step(step, extra)
+            if probe_crops is not None and step % cfg.monitor.probe_every == 0:
+                metrics.update(monitor.probe(model.encoder, probe_crops.to(device, dtype), step))
+            events = monitor.check_alarms(step, {**extra, **metrics})
+            samples = t.micro_batch_size * t.grad_accum_steps * world
+            done = step / max(t.max_steps, 1)
+            last = {"step": step, "micro_step": micro_step, "epoch": sampler.epoch_of(micro_step - 1), **extra,
+                    **objectives.log_scalars(), **metrics, "samples_per_s": samples / max(dt, 1e-9),
+                    "time": elapsed, "eta_s": elapsed / done * (1 - done) if done else None}
+            if rank == 0:
+                metrics_out.write(last)
+                trackers.log_metrics(step, last)
+                if bar is not None:
+                    _advance(bar, last)
+                for e in events:
+                    _say(bar, f"ALARM [{e.action}] {e.message}")
+                    trackers.log_alarm(e)
+            stop_events = [e for e in events if e.action in ("stop", "stop_keep_healthy")]
+            if D.broadcast_flag(bool(stop_events)):  # every rank leaves the loop together
+                stopped = True
+                _finish_stop(run_dir, stop_events, healthy_ckpt, rank)
+                break
+            if D.any_flag(stop.requested is not None):  # a signal on any rank stops every rank after this step
+                stop_signal = stop.requested or "a signal on another rank"
+            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps or stop_signal:
+                save(step, healthy=monitor.last_healthy_step == step)
+            if stop_signal:
+                break
+    except BaseException as e:  # the trackers learn that the run failed (or was interrupted), then it propagates
+        if trackers is not None:
+            trackers.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     if bar is not None:
         bar.close()
     if rank == 0:
         metrics_out.close()
-        tb.close()
-    if not stopped:
-        export_encoder(model, run_dir / "encoder.safetensors")
+    if nonfinite_stop and rank == 0:
+        _say(None, nonfinite_stop)
+    if not (stopped or stop_signal or nonfinite_stop):
+        export_encoder(model, run_dir / "encoder.safetensors", plan() if rank == 0 else None)
+        if rank == 0:
+            R.atomic_write_json(run_dir / "plan.json", plan())
+            trackers.log_artifact(run_dir / "encoder.safetensors")
+            trackers.log_artifact(run_dir / "plan.json")
+    if rank == 0:
+        trackers.close("KILLED" if stop_signal else "FAILED" if (stopped or nonfinite_stop) else "FINISHED")
     D.barrier()
-    return RunResult(run_dir, step, stopped, last)
+    return RunResult(run_dir, step, stopped, stop_signal or None, nonfinite_stop, last)
+
+
+def _nonfinite_message(step: int, why: str, run: R.RunDir, healthy: str | None) -> str:
+    """The one line a run stopped by a non-finite loss / gradient prints."""
+    last = R.newest_valid_checkpoint(run.checkpoints) if D.rank() == 0 else None
+    where = f"last finite checkpoint: {last}" if last else "no checkpoint was written yet"
+    return f"sslkit: stopped at step {step}: non-finite loss or gradient norm ({why}); {where}" + \
+        (f"; last healthy: checkpoints/{healthy}" if healthy else "")
+
+
+def _why_stop(mode: str, in_a_row: int, model: nn.Module) -> str | None:
+    """Why a non-finite step ends the run (None: skip it). Collective."""
+    if D.any_flag(_nonfinite_params(model)):
+        return "the weights themselves hold NaN / inf"
+    if mode == "stop":
+        return "train.nonfinite: stop"
+    return f"{in_a_row} non-finite steps in a row" if in_a_row >= R.MAX_SKIPPED_IN_A_ROW else None
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _skipped_update:
+    """engine.step() without touching the weights: the step's gradients are dropped, counters and the lr schedule
+    move on. A plain torch optimizer (ZeRO 0) gets a no-op step; DeepSpeed's ZeRO optimizers skip non-finite
+    gradients themselves (their overflow check), which the caller verifies through engine.skipped_steps."""
+
+    def __init__(self, engine):
+        self.opt = engine.optimizer if isinstance(engine.optimizer, torch.optim.Optimizer) else None
+
+    def __enter__(self):
+        if self.opt is not None:
+            self.opt.step = lambda *a, **k: None  # instance attribute: hides the class's step for this call
+        return self
+
+    def __exit__(self, *exc):
+        if self.opt is not None:
+            del self.opt.step
+        return False
 
 
 def _grad_norm(engine) -> float | None:
@@ -345,21 +539,21 @@ def _finish_stop(run_dir: Path, events, healthy_ckpt: str | None, rank: int) -> 
     keep = any(e.action == "stop_keep_healthy" for e in events)
     msg = "; ".join(e.message for e in events)
     if keep and healthy_ckpt and (run_dir / "checkpoints" / healthy_ckpt).is_dir():
-        (run_dir / "checkpoints" / healthy_ckpt / "HEALTHY").write_text(msg + "\n", encoding="utf-8")
-        (run_dir / "checkpoints" / "last_healthy").write_text(healthy_ckpt + "\n", encoding="utf-8")
+        R.atomic_write_text(run_dir / "checkpoints" / healthy_ckpt / "HEALTHY", msg + "\n")
+        R.atomic_write_text(run_dir / "checkpoints" / "last_healthy", healthy_ckpt + "\n")
         msg += f" -- last healthy checkpoint: checkpoints/{healthy_ckpt}"
     elif keep:
         msg += " -- no healthy checkpoint was saved before the alarm"
     print(f"run stopped by alarm: {msg}", file=sys.stderr, flush=True)
 
 
-def export_encoder(model: SSLModel, out: Path) -> None:
-    """Student encoder weights as safetensors (collective under ZeRO-3; rank 0 writes)."""
+def export_encoder(model: SSLModel, out: Path, plan: dict | None) -> None:
+    """Student encoder weights as safetensors with the plan (collective under ZeRO-3; rank 0 writes)."""
+    from sslkit.plan import write_weights
+
     state = _full_state(model.encoder)
     if D.rank() == 0:
-        tmp = out.with_suffix(".tmp")
-        C.save_tensors(state, tmp)
-        os.replace(tmp, out)
+        write_weights(out, state, plan)
 
 
 # ------------------------------------------------------------------------------------------------ progress

@@ -10,6 +10,7 @@ from sslkit.errors import ConfigError, closest
 
 _ENCODERS: dict[str, Callable] = {}
 _SEGMENTERS: dict[str, Callable] = {}
+_FROM_ENCODER: dict[str, Callable] = {}  # encoder name -> fn(name, args) -> (segmenter name, segmenter args)
 # Modules imported lazily on first lookup so that `import sslkit` stays light.
 _MODULES = ("sslkit.models.swin_unetr", "sslkit.models.qt_unet", "sslkit.models.punet", "sslkit.models.sam",
             "sslkit.models.sam_heads", "sslkit.models.vit")
@@ -29,6 +30,30 @@ def register_segmenter(name: str):
         return fn
 
     return wrap
+
+
+def register_segmenter_for(*encoder_names: str):
+    """Declare how a segmentation model wraps encoders whose names differ from its own (e.g. "sam" wraps
+    "sam_vit_b"): fn(encoder name, encoder args) -> (segmenter name, segmenter args)."""
+    def wrap(fn):
+        for n in encoder_names:
+            _FROM_ENCODER[n] = fn
+        return fn
+
+    return wrap
+
+
+def segmenter_for_encoder(name: str, args: dict) -> tuple[str, dict]:
+    """(segmenter name, its args) that holds the encoder `name` built with `args` (what a plan records).
+    A segmenter of the same name takes the encoder args it knows; others declare register_segmenter_for."""
+    _load_all()
+    if name in _FROM_ENCODER:
+        return _FROM_ENCODER[name](name, dict(args))
+    if name in _SEGMENTERS:
+        params = inspect.signature(_SEGMENTERS[name]).parameters
+        return name, {k: v for k, v in args.items() if k in params}
+    raise ConfigError(f"model.name: no segmentation model holds a '{name}' encoder; set model.name in the recipe "
+                      f"(known: {', '.join(sorted(_SEGMENTERS))})")
 
 
 def _load_all() -> None:

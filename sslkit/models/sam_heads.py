@@ -3,7 +3,7 @@
 
 All heads: forward(feats, size=None) with feats the encoder's feature list (the last element, the neck
 output (B, 256, h, w), is used) or that tensor -> class logits (B, K, *size) (size defaults to 4h x 4w).
-Loss (paper): CE + soft Dice (`ce_dice_loss`); Adam lr 5e-4, betas (0.5, 0.999).
+Loss (paper): CE + soft Dice (MONAI's DiceCELoss in `sslkit finetune`); Adam lr 5e-4, betas (0.5, 0.999).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d
 from torch import nn
 
-from sslkit.models.registry import register_segmenter
+from sslkit.models.registry import register_segmenter, register_segmenter_for
 
 
 def _last(feats) -> torch.Tensor:
@@ -26,17 +26,6 @@ def _resize(y: torch.Tensor, size) -> torch.Tensor:
     if size is None or tuple(y.shape[-2:]) == tuple(size):
         return y
     return F.interpolate(y, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-def ce_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """CE(logits, target) + (1 - mean_k soft Dice_k), Dice_k = (2 sum p_k y_k + eps) / (sum p_k + sum y_k + eps)
-    with p = softmax(logits). logits (B, K, H, W), target (B, H, W) long in [0, K)."""
-    ce = F.cross_entropy(logits.float(), target)
-    p = logits.float().softmax(1)
-    y = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(p.dtype)  # (B, K, H, W)
-    inter = (p * y).sum((0, 2, 3))
-    dice = (2 * inter + eps) / (p.sum((0, 2, 3)) + y.sum((0, 2, 3)) + eps)
-    return ce + 1 - dice.mean()
 
 
 # ----------------------------------------------------------------------------------- AutoSAM mask decoder
@@ -316,6 +305,15 @@ class SAMSegmenter(nn.Module):
         if self.spatial_dims == 3:
             y = y.unflatten(0, (b, depth)).permute(0, 2, 3, 4, 1)  # -> (B, K, H, W, D)
         return y
+
+
+@register_segmenter_for("sam_vit", "sam_vit_b", "sam_vit_l", "sam_vit_h")
+def _sam_from_encoder(encoder: str, encoder_args: dict) -> tuple[str, dict]:
+    """A pretrained SAM-family encoder's plan -> the "sam" segmenter's args (size and input scaling on the
+    segmenter, the rest as encoder_args; the encoder's name decides the size preset)."""
+    args = {k: v for k, v in encoder_args.items() if k not in ("checkpoint", "adapters", "adapter_depth_branch")}
+    seg = {k: args.pop(k) for k in ("img_size", "input_range") if k in args}
+    return "sam", {"encoder": encoder, **seg, "encoder_args": args}
 
 
 @register_segmenter("sam")

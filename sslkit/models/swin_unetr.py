@@ -103,13 +103,16 @@ def swin_unetr_segmenter(spatial_dims: int = 3, in_channels: int = 1, out_channe
                          feature_size: int = 48, depths: Sequence[int] = (2, 2, 2, 2),
                          num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int | Sequence[int] = 7,
                          drop_path_rate: float = 0.0, use_checkpoint: bool = False,
-                         use_v2: bool = False) -> SwinUNETRSegmenter:
+                         use_v2: bool = False, norm_name: str = "instance") -> SwinUNETRSegmenter:
+    """MONAI's SwinUNETR. `norm_name` is its decoder's normalisation: "instance" (MONAI's default) needs crops of
+    >= 64 voxels per axis at train time (the 32x-downsampled bottleneck must hold more than one voxel); "batch"
+    also trains on 32^3 crops when a step holds >= 2 of them."""
     from monai.networks.nets import SwinUNETR
 
     net = SwinUNETR(in_channels=in_channels, out_channels=out_channels, feature_size=feature_size,
                     depths=list(depths), num_heads=list(num_heads), window_size=window_size,
                     dropout_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
-                    spatial_dims=spatial_dims, use_v2=use_v2)
+                    spatial_dims=spatial_dims, use_v2=use_v2, norm_name=norm_name)
     enc = SwinUNETREncoder(spatial_dims, in_channels, feature_size, depths, num_heads, window_size,
                            use_v2=use_v2)
     return SwinUNETRSegmenter(net, enc)

@@ -9,10 +9,10 @@ from sslkit.monitor.metrics import (
     mean_pairwise_cosine,
     teacher_student_cosine,
 )
-from sslkit.monitor.monitor import Monitor, TBLogger, probe_embeddings, probe_statistics
+from sslkit.monitor.monitor import Monitor, probe_embeddings, probe_statistics
 
 __all__ = [
-    "AlarmEvent", "AlarmTracker", "Monitor", "TBLogger", "collapse_statistics", "dashboard_main",
+    "AlarmEvent", "AlarmTracker", "Monitor", "collapse_statistics", "dashboard_main",
     "default_alarms", "effective_rank", "embedding_std", "mean_pairwise_cosine", "probe_embeddings",
     "probe_statistics", "serve_dashboard", "teacher_student_cosine", "write_html",
 ]

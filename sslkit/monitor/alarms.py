@@ -6,7 +6,8 @@ An alarm rule (AlarmConfig) names a metric, a `below` and/or `above` threshold, 
   stop_keep_healthy  the engine stops and keeps only checkpoints from before the violation began
                      (AlarmEvent.since_step is the first violating step)
 A rule fires once, after `patience` consecutive violating steps; it re-arms when the metric is back in range.
-A non-finite loss (`loss` or any `loss/<objective>`) always fires a `stop` at once.
+A non-finite loss (`loss` or any `loss/<objective>`) is always recorded (a `warn`): the engine has already skipped
+that optimizer step or stopped the run, as `train.nonfinite` says, so the weights never saw it.
 
 Metric names are looked up as given, then with a `monitor/` prefix: `embedding_std` finds
 `monitor/embedding_std`; `grad_norm` finds the engine's `grad_norm`.
@@ -53,13 +54,62 @@ class AlarmEvent:
         return d
 
 
+@dataclass(frozen=True)
+class HealthBand:
+    """Healthy and collapsed ranges of one metric. The chart shading, the summary colours, the run's verdict and
+    the default alarm all read this one table, so the page cannot show a red band under a HEALTHY badge.
+
+    key: full metric key as logged ('monitor/embedding_std', 'probe/spread'); alarm_metric: the name a default
+    rule uses (alarm lookup resolves 'x' to 'monitor/x' too); below / above: the collapse threshold (a value
+    below `below` or above `above` is collapsed); healthy: (lo, hi) shaded green, None for an open end;
+    patience: steps (for probe metrics: probe evaluations) before the default alarm fires.
+    """
+
+    key: str
+    alarm_metric: str
+    below: float | None = None
+    above: float | None = None
+    healthy: tuple[float | None, float | None] = (None, None)
+    patience: int = 5
+
+    def is_collapsed(self, value: float) -> bool:
+        """True when value is past the collapse threshold (NaN never is)."""
+        return (self.below is not None and value < self.below) or (self.above is not None and value > self.above)
+
+    def to_dict(self) -> dict:
+        """JSON-able form for the dashboard page."""
+        return {"key": self.key, "below": self.below, "above": self.above, "healthy": list(self.healthy)}
+
+
+# Bank metrics are statistics of the objective's embeddings (projector outputs, centred near 0 when healthy).
+# Probe metrics are statistics of the encoder's pooled deepest features on the fixed probe crops. Those share a
+# large mean direction (raw mean cosine 0.88-0.99 in a healthy encoder), so they are judged by their spread
+# around their own mean and the rank of that spread; sslkit/monitor/probe_stats.py gives the measurements.
+# The raw probe statistics older runs logged (probe/embedding_std, probe/mean_cosine, probe/rankme) have no band.
+HEALTH_BANDS: tuple[HealthBand, ...] = (
+    HealthBand("monitor/embedding_std", "embedding_std", below=0.1, healthy=(0.5, 1.5), patience=5),
+    HealthBand("monitor/rankme_ratio", "rankme_ratio", below=0.05, healthy=(0.2, 1.0), patience=5),
+    HealthBand("monitor/mean_cosine", "mean_cosine", above=0.95, healthy=(-0.2, 0.3), patience=10),
+    HealthBand("probe/spread", "probe/spread", below=0.05, healthy=(0.1, 1.0), patience=1),
+    HealthBand("probe/centred_rankme", "probe/centred_rankme", below=1.5, healthy=(2.0, None), patience=1),
+    # NaN / inf embeddings (a diverging run): any is a warning, and never enters the statistics above
+    HealthBand("monitor/nonfinite_embeddings", "monitor/nonfinite_embeddings", above=0.0, healthy=(None, 0.0),
+               patience=1),
+    HealthBand("probe/nonfinite_embeddings", "probe/nonfinite_embeddings", above=0.0, healthy=(None, 0.0),
+               patience=1),
+)
+
+
+def health_band(key: str) -> HealthBand | None:
+    """The band of a full metric key, or None."""
+    return next((b for b in HEALTH_BANDS if b.key == key), None)
+
+
 def default_alarms() -> list[AlarmConfig]:
-    """Rules used when a recipe lists none. All warn; the non-finite-loss stop is always on regardless."""
-    return [
-        AlarmConfig(metric="embedding_std", below=0.1, patience=5, action="warn"),
-        AlarmConfig(metric="rankme_ratio", below=0.05, patience=5, action="warn"),
-        AlarmConfig(metric="mean_cosine", above=0.95, patience=10, action="warn"),
-    ]
+    """Rules used when a recipe lists none: one `warn` per health band, at its collapse threshold.
+    The non-finite-loss record is always on regardless."""
+    return [AlarmConfig(metric=b.alarm_metric, below=b.below, above=b.above, patience=b.patience, action="warn")
+            for b in HEALTH_BANDS]
 
 
 def as_number(v) -> float | None:
@@ -146,8 +196,8 @@ class AlarmTracker:
             return []
         self.loss_fired = True
         key, value = next(iter(bad.items()))
-        msg = f"step {step}: {key} is {value} (non-finite loss); stopping"
-        return [AlarmEvent(step, key, value, None, "stop", msg, since_step=step)]
+        msg = f"step {step}: {key} is {value} (non-finite loss); the optimizer step was not applied (train.nonfinite)"
+        return [AlarmEvent(step, key, value, None, "warn", msg, since_step=step)]
 
     def _check_rule(self, i: int, rule: AlarmConfig, step: int, metrics: dict) -> tuple[AlarmEvent | None, bool]:
         """(event or None, whether the rule is violated at this step). A missing/NaN metric leaves counters as is."""

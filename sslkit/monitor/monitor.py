@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from sslkit.config import MonitorConfig
-from sslkit.monitor.alarms import AlarmEvent, AlarmTracker, as_number, default_alarms
+from sslkit.monitor.alarms import AlarmEvent, AlarmTracker, default_alarms
 from sslkit.monitor.metrics import as_embedding_matrix, collapse_statistics, teacher_student_cosine
+from sslkit.monitor.probe_stats import probe_feature_statistics
 
 ALARMS_FILE = "alarms.jsonl"
 
@@ -66,13 +67,19 @@ class Monitor:
             self._reset_step()
             return {}
         z = torch.cat(self._step_z)  # (sum B, D)
-        self._push_bank(z)
-        metrics = collapse_statistics(self.bank, prefix="monitor/")
-        metrics["monitor/bank_fill"] = float(self.bank.shape[0])
+        finite = torch.isfinite(z).all(dim=1)  # a NaN / inf embedding never enters the bank (it would poison it)
+        metrics = {"monitor/nonfinite_embeddings": float((~finite).sum())} if not bool(finite.all()) else {}
+        if bool(finite.any()):
+            self._push_bank(z[finite])
+        if self.bank is not None and self.bank.shape[0] >= 2:
+            metrics.update(collapse_statistics(self.bank, prefix="monitor/"))
+            metrics["monitor/bank_fill"] = float(self.bank.shape[0])
         if self._step_pairs:
             zs = torch.cat([p[0] for p in self._step_pairs])
             zt = torch.cat([p[1] for p in self._step_pairs])
-            metrics["monitor/teacher_student_cos"] = teacher_student_cosine(zs, zt)
+            ok = torch.isfinite(zs).all(1) & torch.isfinite(zt).all(1)
+            if bool(ok.any()):
+                metrics["monitor/teacher_student_cos"] = teacher_student_cosine(zs[ok], zt[ok])
         self._reset_step()
         return metrics
 
@@ -97,12 +104,15 @@ class Monitor:
     # -------------------------------------------------------------------------------------------- probe
 
     def probe(self, encoder: nn.Module, crops: torch.Tensor, step: int | None = None) -> dict[str, float]:
-        """'probe/...' statistics of the encoder on fixed crops (N, C_in, *spatial), plus 'probe/drift_cos':
+        """'probe/...' statistics of the encoder's pooled features on fixed crops (N, C_in, *spatial): spread,
+        centred_rankme and centred_rankme_ratio (sslkit.monitor.probe_stats), plus 'probe/drift_cos':
         mean cosine of each crop's embedding to its embedding at the previous probe (1 = unchanged).
         `step` is informational (kept as `last_probe_step`)."""
         self.last_probe_step = step
         z = probe_embeddings(encoder, crops).float().cpu()
-        metrics = collapse_statistics(z, prefix="probe/")
+        if not bool(torch.isfinite(z).all()):  # a diverged encoder: say so instead of failing in an eigensolver
+            return {"probe/nonfinite_embeddings": float((~torch.isfinite(z).all(1)).sum())}
+        metrics = probe_feature_statistics(z, prefix="probe/")
         if self._last_probe is not None and self._last_probe.shape == z.shape:
             metrics["probe/drift_cos"] = teacher_student_cosine(z, self._last_probe)
         self._last_probe = z
@@ -154,40 +164,4 @@ def probe_embeddings(encoder: nn.Module, crops: torch.Tensor, chunk: int = 2) ->
 
 def probe_statistics(encoder: nn.Module, crops: torch.Tensor) -> dict[str, float]:
     """'probe/...' collapse statistics of an encoder on fixed crops (for `sslkit probe`)."""
-    return collapse_statistics(probe_embeddings(encoder, crops), prefix="probe/")
-
-
-class TBLogger:
-    """TensorBoard scalars under run_dir/tb; SummaryWriter is imported on first use."""
-
-    def __init__(self, run_dir: Path | str):
-        self.log_dir = Path(run_dir) / "tb"
-        self._writer = None
-
-    @property
-    def writer(self):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.log_dir))
-        return self._writer
-
-    def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Write every numeric metric as a scalar at `step`."""
-        for k, v in metrics.items():
-            v = as_number(v)
-            if v is not None:
-                self.writer.add_scalar(k, v, step)
-
-    def log_alarm(self, event: AlarmEvent) -> None:
-        """An alarm as a text entry."""
-        self.writer.add_text("alarms", event.message, event.step)
-
-    def flush(self) -> None:
-        if self._writer is not None:
-            self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    return probe_feature_statistics(probe_embeddings(encoder, crops), prefix="probe/")

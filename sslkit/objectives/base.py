@@ -84,6 +84,11 @@ class Objective(nn.Module):
         """Scalars logged once per optimizer step (e.g. ema_tau). Default: none."""
         return {}
 
+    def generators(self) -> dict[str, torch.Generator]:
+        """Private random generators (CPU) this objective draws from, by name. The engine seeds them per rank and
+        saves their states in checkpoints, so a resumed run continues the same streams. Default: none."""
+        return {}
+
 
 def pooled(feature: torch.Tensor) -> torch.Tensor:
     """Global average pool of a stage map: (B, C, *spatial) -> (B, C)."""

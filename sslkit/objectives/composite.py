@@ -42,12 +42,29 @@ class Composite(Objective):
         self.last_encoder_calls = ctx.encoder_calls
         return ObjectiveOutput(total, logs, embeddings, teacher_embeddings)
 
+    def data_requests(self) -> dict:
+        """Merged data requests of the objectives (`sslkit.data.pretrain`): an objective without a
+        `data_requests()` method asks for the crop and its two views, {"views": {}}. ValueError when two
+        objectives ask for the same thing with different settings."""
+        merged: dict = {}
+        for obj in self.objectives:
+            own = obj.data_requests() if hasattr(obj, "data_requests") else {"views": {}}
+            for name, settings in own.items():
+                if name in merged and merged[name] != settings:
+                    raise ValueError(f"objectives ask for '{name}' data with different settings: "
+                                     f"{merged[name]} and {settings}")
+                merged[name] = dict(settings)
+        return merged
+
     def on_optimizer_step(self, step: int, total_steps: int) -> None:
         for obj in self.objectives:
             obj.on_optimizer_step(step, total_steps)
 
     def teachers(self) -> dict:
         return {f"{i}.{k}": t for i, o in enumerate(self.objectives) for k, t in o.teachers().items()}
+
+    def generators(self) -> dict[str, torch.Generator]:
+        return {f"{i}.{k}": g for i, o in enumerate(self.objectives) for k, g in o.generators().items()}
 
     def log_scalars(self) -> dict[str, float]:
         out: dict[str, float] = {}

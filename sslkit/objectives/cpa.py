@@ -175,6 +175,9 @@ class CPA(Objective):
         self.gen = torch.Generator().manual_seed(seed)
         self.teacher = EMATeacher({"encoder": encoder}, tau, tau_schedule)
 
+    def generators(self) -> dict[str, torch.Generator]:
+        return {"views": self.gen}
+
     def teachers(self) -> dict[str, EMATeacher]:
         return {"teacher": self.teacher}
 

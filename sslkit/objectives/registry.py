@@ -9,7 +9,9 @@ from sslkit.errors import ConfigError, closest
 
 _OBJECTIVES: dict[str, type] = {}
 _MODULES = ("byol", "simclr", "rotation", "inpainting", "simmim", "mae", "emix", "shed", "cpa",
-            "prompt_segmentation")
+            "prompt_segmentation",
+            "voco",
+            "models_genesis")
 
 
 def register_objective(name: str):

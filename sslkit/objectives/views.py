@@ -17,7 +17,7 @@ View names: "plain" (the batch views as they are), "rot" (rotated), "cutout" (cu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -187,4 +187,3 @@ def shared_view(ctx, view: str, spec: CorruptionSpec, check: tuple[str, ...] = (
     return v
 
 
-SPEC_FIELDS = tuple(f.name for f in fields(CorruptionSpec))

@@ -1,7 +1,10 @@
 /* sslkit collapse monitor: renders runs (metrics.jsonl + alarms.jsonl) as inline SVG charts.
  * Data comes embedded in <script id="sslkit-data"> (a written HTML file) or is polled from data.json
  * (served mode). No external libraries; nothing is fetched except data.json from the serving host.
- * Every chart <svg> carries data-points="N": the number of points drawn in it. */
+ * Every chart <svg> carries data-points="N": the number of points drawn in it.
+ * Judgements come from Python (sslkit/monitor/dashboard.py): the shaded healthy / collapsed ranges are the
+ * payload's `bands`, each run's badge is `run.verdict` and the summary colours are `run.health`; this file only
+ * draws them, so a chart's red band and the badge always agree. */
 (function () {
   "use strict";
 
@@ -12,15 +15,12 @@
   var SVGNS = "http://www.w3.org/2000/svg";
   var HIDDEN_KEYS = { step: 1, micro_step: 1, epoch: 1, time: 1, "monitor/bank_fill": 1 };
 
-  // Chart specifications. bands: shaded ranges in data units; include: values the y-range must show.
+  // Chart specifications. include: values the y-range must show. Shaded bands come from the payload.
   var COLLAPSE = [
-    { key: "monitor/embedding_std", title: "Embedding std (× √d)", include: [0, 1.1], hint: "≈1 healthy · 0 collapsed",
-      bands: [{ from: 0.5, to: 1.5, kind: "good", label: "healthy" }, { from: 0, to: 0.1, kind: "bad", label: "collapsed" }] },
-    { key: "monitor/rankme_ratio", title: "RankMe / min(n, d)", include: [0, 0.1], hint: "effective rank ratio · low = dimensional collapse",
-      bands: [{ from: 0.2, to: 1, kind: "good", label: "healthy" }, { from: 0, to: 0.05, kind: "bad", label: "collapsed" }] },
+    { key: "monitor/embedding_std", title: "Embedding std (× √d)", include: [0, 1.1], hint: "≈1 healthy · 0 collapsed" },
+    { key: "monitor/rankme_ratio", title: "RankMe / min(n, d)", include: [0, 0.1], hint: "effective rank ratio · low = dimensional collapse" },
     { key: "monitor/rankme", title: "RankMe (effective rank)", include: [0], hint: "exp entropy of singular values" },
-    { key: "monitor/mean_cosine", title: "Mean pairwise cosine", include: [0, 1], hint: "≈0 healthy · 1 collapsed",
-      bands: [{ from: -0.2, to: 0.3, kind: "good", label: "healthy" }, { from: 0.9, to: 1.0, kind: "bad", label: "collapsed" }] },
+    { key: "monitor/mean_cosine", title: "Mean pairwise cosine", include: [0, 1], hint: "≈0 healthy · 1 collapsed" },
     { key: "monitor/teacher_student_cos", title: "Teacher–student cosine", include: [0, 1], hint: "agreement of online and EMA target" }
   ];
   var OPTIM = [
@@ -31,9 +31,16 @@
     { key: "update_to_weight", title: "Update / weight ratio", include: [0] },
     { key: "ema_updates", title: "EMA updates", include: [0] }
   ];
+  // Probe statistics describe the encoder's pooled features of fixed crops (not the objective's embeddings):
+  // spread and rank are measured around the features' own mean (sslkit/monitor/probe_stats.py).
   var PROBE_INFO = {
-    "probe/embedding_std": COLLAPSE[0], "probe/rankme_ratio": COLLAPSE[1], "probe/rankme": COLLAPSE[2],
-    "probe/mean_cosine": COLLAPSE[3],
+    "probe/spread": { title: "feature spread", include: [0], hint: "RMS distance to the mean / RMS norm · 0 = input ignored" },
+    "probe/centred_rankme": { title: "RankMe of centred features", include: [0], hint: "directions the crops vary along · 1 = one" },
+    "probe/centred_rankme_ratio": { title: "centred RankMe / min(n − 1, d)", include: [0, 1], hint: "centred effective rank ratio" },
+    "probe/rankme": { title: "raw RankMe", include: [0], hint: "older runs: uncentred, ~1-2 even when healthy" },
+    "probe/rankme_ratio": { title: "raw RankMe / min(n, d)", include: [0, 1], hint: "older runs: uncentred" },
+    "probe/embedding_std": { title: "raw embedding std", include: [0], hint: "older runs: uncentred, not a collapse measure here" },
+    "probe/mean_cosine": { title: "raw mean cosine", include: [0, 1], hint: "older runs: uncentred, near 1 even when healthy" },
     "probe/drift_cos": { title: "drift (cosine to previous probe)", include: [0, 1], hint: "1 = probe embeddings unchanged" }
   };
 
@@ -99,6 +106,17 @@
   function visibleRuns() {
     return state.data.runs.map(function (r, i) { return { run: r, idx: i }; })
       .filter(function (o) { return !state.hidden[o.run.path]; });
+  }
+  // Shaded ranges of a metric from the payload's bands: [{from, to, kind, label}], open ends -> +-Infinity.
+  function bandsFor(key) {
+    var b = ((state.data && state.data.bands) || []).filter(function (x) { return x.key === key; })[0];
+    if (!b) return [];
+    var out = [];
+    var lo = b.healthy[0], hi = b.healthy[1];
+    out.push({ from: lo == null ? -Infinity : lo, to: hi == null ? Infinity : hi, kind: "good", label: "healthy" });
+    if (b.below != null) out.push({ from: -Infinity, to: b.below, kind: "bad", label: "collapsed" });
+    if (b.above != null) out.push({ from: b.above, to: Infinity, kind: "bad", label: "collapsed" });
+    return out;
   }
   function alarmRulesFor(runs, key) {
     var out = [];
@@ -170,7 +188,7 @@
     svg.appendChild(defs);
 
     // healthy / collapsed bands
-    (spec.bands || []).forEach(function (b) {
+    bandsFor(spec.key).forEach(function (b) {
       var lo = Math.max(b.from, y0), hi = Math.min(b.to, y1);
       if (hi <= lo) return;
       var good = b.kind === "good";
@@ -301,7 +319,7 @@
     var probe = Object.keys(keys).sort().filter(function (k) { return /^probe\//.test(k); }).map(function (k) {
       used[k] = 1;
       var base = PROBE_INFO[k] || {};
-      return { key: k, title: "Probe · " + (base.title || k.slice(6)), bands: base.bands, include: base.include, hint: base.hint };
+      return { key: k, title: "Probe · " + (base.title || k.slice(6)), include: base.include, hint: base.hint };
     });
     var other = Object.keys(keys).sort().filter(function (k) { return !used[k] && !HIDDEN_KEYS[k]; })
       .map(function (k) { return { key: k, title: shortKey(k) }; });
@@ -314,39 +332,40 @@
     ];
   }
 
-  function runStatus(run) {
-    var stop = false, warn = false;
-    (run.alarms || []).forEach(function (a) { if (a.action === "warn") warn = true; else stop = true; });
-    return stop ? "stopped" : warn ? "warn" : "healthy";
-  }
-  function classFor(key, v) {
-    if (!isNum(v)) return "";
-    if (key === "monitor/embedding_std") return v < 0.1 ? "bad" : v < 0.4 ? "warn" : "good";
-    if (key === "monitor/rankme_ratio") return v < 0.05 ? "bad" : v < 0.15 ? "warn" : "good";
-    if (key === "monitor/mean_cosine") return v > 0.9 ? "bad" : v > 0.5 ? "warn" : "good";
-    return "";
-  }
+  var HEALTH_CLASS = { collapsed: "bad", between: "warn", healthy: "good" };
+  function classFor(run, key) { return HEALTH_CLASS[(run.health || {})[key]] || ""; }
 
   function renderSummary(runs) {
     var box = document.getElementById("summary");
     box.innerHTML = "";
     runs.forEach(function (o) {
-      var r = o.run, st = runStatus(r);
-      var card = el("div", { "class": "run-card", style: "--c:" + colorOf(o.idx), "data-run": r.name });
+      var r = o.run, verdict = r.verdict || { status: "waiting", label: "no data yet", reasons: [] };
+      var card = el("div", { "class": "run-card", style: "--c:" + colorOf(o.idx), "data-run": r.name,
+        "data-verdict": verdict.status });
       var h = el("h2");
       h.appendChild(el("span", null, r.name));
-      h.appendChild(el("span", { "class": "badge " + st }, st === "warn" ? "warning" : st));
+      var badge = el("span", { "class": "badge " + verdict.status }, verdict.label);
+      if (verdict.reasons.length) badge.title = verdict.reasons.join("\n");
+      h.appendChild(badge);
       card.appendChild(h);
       card.appendChild(el("div", { "class": "cfg", title: r.path }, r.config_name || r.path));
       var kv = el("div", { "class": "kv" });
       [["step", "step"], ["loss", "loss"], ["samples/s", "samples_per_s"], ["emb. std", "monitor/embedding_std"],
-        ["rankme", "monitor/rankme"], ["mean cos", "monitor/mean_cosine"]].forEach(function (p) {
+        ["rankme", "monitor/rankme"], ["mean cos", "monitor/mean_cosine"], ["probe spread", "probe/spread"],
+        ["probe rank", "probe/centred_rankme"]].forEach(function (p) {
         var v = lastValue(r, p[1]), d = el("div");
+        if (v == null && /^probe\//.test(p[1])) return;
         d.appendChild(el("span", { "class": "k" }, p[0]));
-        d.appendChild(el("span", { "class": "v " + classFor(p[1], v) }, fmt(v)));
+        d.appendChild(el("span", { "class": "v " + classFor(r, p[1]) }, fmt(v)));
         kv.appendChild(d);
       });
       card.appendChild(kv);
+      if (verdict.reasons.length) {
+        var ul = el("ul", { "class": "reasons" });
+        verdict.reasons.slice(0, 4).forEach(function (t) { ul.appendChild(el("li", null, t)); });
+        if (verdict.reasons.length > 4) ul.appendChild(el("li", null, "… " + (verdict.reasons.length - 4) + " more"));
+        card.appendChild(ul);
+      }
       box.appendChild(card);
     });
   }
@@ -438,7 +457,9 @@
   }
 
   function signature(d) {
-    return d.runs.map(function (r) { return r.path + ":" + r.n_steps + ":" + (r.alarms || []).length; }).join("|");
+    return d.runs.map(function (r) {
+      return r.path + ":" + r.n_steps + ":" + (r.alarms || []).length + ":" + (r.verdict || {}).status;
+    }).join("|");
   }
 
   function setStatus(text, cls) {

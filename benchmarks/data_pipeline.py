@@ -1,0 +1,396 @@
+"""The pretraining data pipeline at corpus scale, measured in one run (issue 14, point 4 and 5).
+
+Builds a synthetic corpus of N scans from the demo scans (random boxes of 60-100 % per axis, random flips, a random
+intensity scale and shift; written as .nii.gz into a temporary folder, never into the repository), prepares it into
+the store with the recipe's preprocessing, and prints:
+
+  1. store bytes / float32 .npy bytes over the corpus                                   (goal <= 0.35)
+  2. random-crop reads per second: store vs .npy memmap vs loading the NIfTI and cropping
+                                                                        (goals store >= 0.8x memmap, >= 10x NIfTI)
+  3. preparation time with 1 vs 2 workers on the first --prep-scans scans               (goal >= 1.7x on 2 cores)
+  4. steps per second of the recipe's training step (model, objectives, optimizer; no DeepSpeed) with real data
+     loading (DataLoader over the store, strong views) vs the same steps on batches already in memory
+                                                                                         (goal >= 0.95)
+  5. resident memory of a `sslkit pretrain` run over the corpus (the process and its DataLoader workers) at steps
+     10 and --steps                                                                      (goal: growth < 10 %)
+
+    .venv/bin/python benchmarks/data_pipeline.py                       # 500 scans, 200 steps (~30 min on 2 cores)
+    .venv/bin/python benchmarks/data_pipeline.py --scans 6 --steps 4 --reads 20 --prep-scans 4 --timing-steps 1 \
+        --rounds 1 --set data.roi=[32,32,32] --set train.micro_batch_size=2          # smoke version
+
+Timings on a shared machine move with its load: the load average is printed before and after each timed part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "pretrain_configs" / "demo_ct_byol.yaml"
+SOURCES = (("ct_head.nii.gz", "ct"), ("mri_colin27_t1.nii.gz", "mri"), ("mri_mni152_t1.nii.gz", "mri"))
+
+
+def load_avg() -> str:
+    return "load average " + " ".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def say(line: str) -> None:
+    print(line, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ corpus
+
+
+def demo_folder(given: str | None) -> Path:
+    from sslkit.data.demo import build_demo_corpus
+
+    folder = Path(given) if given else (REPO / "demo_data" if (REPO / "demo_data" / "datalist.json").exists()
+                                        else Path("/tmp/sslkit-test-demo"))
+    build_demo_corpus(folder)
+    return folder
+
+
+def synthetic_corpus(demo: Path, out: Path, n: int, seed: int = 0) -> Path:
+    """n .nii.gz scans made from the demo scans; returns a datalist JSON listing them with their modality."""
+    import nibabel as nib
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    sources = []
+    for name, modality in SOURCES:
+        img = nib.load(str(demo / name))
+        sources.append((np.asarray(img.dataobj, dtype=np.float32), img.affine, modality))
+    entries = []
+    for i in range(n):
+        arr, affine, modality = sources[i % len(sources)]
+        size = [int(s * rng.uniform(0.6, 1.0)) for s in arr.shape[:3]]
+        start = [int(rng.integers(0, s - z + 1)) for s, z in zip(arr.shape[:3], size)]
+        box = arr[tuple(slice(a, a + z) for a, z in zip(start, size))]
+        for axis in range(3):
+            if rng.random() < 0.5:
+                box = np.flip(box, axis)
+        scale = rng.uniform(0.95, 1.05) if modality == "ct" else rng.uniform(0.8, 1.2)
+        shift = rng.uniform(-30, 30) if modality == "ct" else 0.0
+        box = np.round(box * scale + shift).astype(np.int16)
+        moved = affine.copy()
+        moved[:3, 3] = affine[:3, :3] @ np.asarray(start, dtype=np.float64) + affine[:3, 3]
+        path = out / f"scan{i:04d}.nii.gz"
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(box), moved), str(path))
+        entries.append({"image": str(path), "modality": modality})
+    datalist = out / "datalist.json"
+    datalist.write_text(json.dumps({"training": entries}), encoding="utf-8")
+    return datalist
+
+
+def recipe_sets(datalist: Path, store: Path, extra: list[str]) -> list[str]:
+    """--set overrides of every run here: the synthetic corpus, its store, strong views, no probe; then `extra`."""
+    return [f"data.datalist={datalist}", f"data.cache_dir={store}", "data.views.strength=strong",
+            "monitor.probe_every=0", *extra]
+
+
+def recipe(datalist: Path, store: Path, extra: list[str], **train) -> "object":
+    from sslkit.config import load_config
+
+    return load_config(RECIPE, recipe_sets(datalist, store, extra) + [f"train.{k}={v}" for k, v in train.items()])
+
+
+# ------------------------------------------------------------------------------------------------ 1 + 3
+
+
+def preparation(cfg, work: Path, prep_scans: int) -> tuple[dict, Path]:
+    """Time 1 vs 2 workers on the first prep_scans entries (two fresh stores), then complete the 2-worker store."""
+    from sslkit.data.prepare import prepare_store
+    from sslkit.data.preprocess import preprocess_transforms
+
+    preprocess_transforms(cfg.data, "ct")  # imports MONAI's transforms before any clock starts
+    sub = copy.deepcopy(cfg)
+    items = json.loads(Path(cfg.data.datalist).read_text())["training"]
+    part = work / "datalist_prep.json"
+    part.write_text(json.dumps({"training": items[:prep_scans]}))
+    sub.data.datalist = str(part)
+    before = load_avg()
+    one = prepare_store(sub, work / "store_w1", workers=1, progress=False)
+    two = prepare_store(sub, work / "store_w2", workers=2, progress=False)
+    timing = {"scans": prep_scans, "one": one.seconds, "two": two.seconds, "load": f"{before} -> {load_avg()}"}
+    full = prepare_store(cfg, work / "store_w2", workers=2, progress=False)
+    timing["all"] = full.seconds
+    return timing, work / "store_w2"
+
+
+def sizes(store: Path, npy_dir: Path) -> dict:
+    """Store bytes (.b2nd files) vs the float32 .npy files of the same volumes (written here, as the old cache)."""
+    from sslkit.data.store import VolumeStore
+
+    vs = VolumeStore(store)
+    npy_dir.mkdir(parents=True, exist_ok=True)
+    store_bytes = npy_bytes = 0
+    for key in vs.keys():
+        store_bytes += vs.image_path(key).stat().st_size
+        np.save(npy_dir / f"{key}.npy", vs.read_volume(key))
+        npy_bytes += (npy_dir / f"{key}.npy").stat().st_size
+    return {"store": store_bytes, "npy": npy_bytes, "volumes": len(vs.keys())}
+
+
+# ------------------------------------------------------------------------------------------------ 2
+
+
+def crop_reads(store: Path, npy_dir: Path, corpus: list[dict], roi: list[int], reads: int) -> dict:
+    """Random roi windows over random volumes: reads per second (best of 3 passes for the fast readers)."""
+    import nibabel as nib
+
+    from sslkit.data.store import VolumeStore
+
+    vs = VolumeStore(store)
+    keys = vs.keys()
+    shapes = {k: vs.info(k)["shape"] for k in keys}
+    rng = np.random.default_rng(1)
+    picks = []
+    for _ in range(reads):
+        k = keys[int(rng.integers(len(keys)))]
+        starts = [int(rng.integers(0, max(0, s - r) + 1)) for s, r in zip(shapes[k][1:], roi)]
+        picks.append((k, starts))
+    blocks = {k: vs.info(k)["blocks"][1:] for k in keys}
+    aligned = [(k, [s - s % b for s, b in zip(st, blocks[k])]) for k, st in picks]
+    mmaps = {k: np.load(npy_dir / f"{k}.npy", mmap_mode="r") for k in keys}
+
+    def window(arr, st):
+        return np.array(arr[(slice(None),) + tuple(slice(a, a + r) for a, r in zip(st, roi))], dtype=np.float32)
+
+    readers = {
+        "store (float16, blosc2)": lambda k, st: vs.read_crop(k, st, roi),
+        "store, block-aligned windows": None,
+        ".npy memmap, opened per read (the old cache)": lambda k, st: window(np.load(npy_dir / f"{k}.npy",
+                                                                                     mmap_mode="r"), st),
+        ".npy memmap, kept open": lambda k, st: window(mmaps[k], st),
+    }
+    rates = {}
+    for name, read in readers.items():
+        best = 0.0
+        for _ in range(3):
+            t = time.perf_counter()
+            if read is None:
+                for k, st in aligned:
+                    vs.read_crop(k, st, roi)
+            else:
+                for k, st in picks:
+                    read(k, st)
+            best = max(best, reads / (time.perf_counter() - t))
+        rates[name] = best
+    n_nifti = max(3, reads // 20)
+    t = time.perf_counter()
+    for i in range(n_nifti):
+        entry = corpus[int(rng.integers(len(corpus)))]
+        proxy = nib.load(entry["image"]).dataobj
+        st = [int(rng.integers(0, max(0, s - r) + 1)) for s, r in zip(proxy.shape, roi)]
+        np.asarray(proxy[tuple(slice(a, a + r) for a, r in zip(st, roi))], dtype=np.float32)
+    rates["NIfTI (.nii.gz) load + crop"] = n_nifti / (time.perf_counter() - t)
+    return rates
+
+
+# ------------------------------------------------------------------------------------------------ 4
+
+
+def step_rates(cfg, timing_steps: int, rounds: int) -> dict:
+    """Training steps per second with the DataLoader (cfg.train.num_workers workers over the store, strong views) vs
+    on the same batches already in memory; interleaved in `rounds` rounds so load changes hit both alike."""
+    import torch
+
+    from sslkit.data.datalist import load_datalist
+    from sslkit.data.pretrain import PretrainDataset
+    from sslkit.engine.sampler import EpochSampler
+    from sslkit.engine.trainer import build_model, make_optimizer
+
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = build_model(cfg)
+    ds = PretrainDataset(load_datalist(cfg.data.datalist), cfg.data, Path(cfg.data.cache_dir), seed=t.seed,
+                         requests=model.objectives.data_requests()).prepare(progress=False)
+    optimizer = make_optimizer(cfg, model)
+
+    def step(batch: dict, k: int) -> None:
+        out = model(batch)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.objectives.on_optimizer_step(k, t.max_steps)
+
+    sampler = EpochSampler(len(ds), t.micro_batch_size, t.seed, 0, 1)
+    loader = torch.utils.data.DataLoader(ds, batch_size=t.micro_batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
+    it = iter(loader)
+    for k in range(2):  # warm-up: workers started, first allocations made
+        step(next(it), k)
+    in_memory = [next(it) for _ in range(timing_steps)]
+    loaded_s = memory_s = 0.0
+    before = load_avg()
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        for k in range(timing_steps):
+            step(next(it), k)
+        loaded_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for k, batch in enumerate(in_memory):
+            step(batch, k)
+        memory_s += time.perf_counter() - t0
+    n = rounds * timing_steps
+    return {"loaded": n / loaded_s, "memory": n / memory_s, "threads": torch.get_num_threads(),
+            "workers": t.num_workers, "steps": n, "load": f"{before} -> {load_avg()}"}
+
+
+# ------------------------------------------------------------------------------------------------ 5
+
+
+def _tree(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _memory(pid: int) -> dict:
+    """Summed RSS and PSS (kB) of a process and its descendants (PSS splits shared pages among their users)."""
+    rss = pss = n = 0
+    for p in _tree(pid):
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:])
+        except OSError:
+            continue
+        rss += int(fields["Rss"].split()[0])
+        pss += int(fields["Pss"].split()[0])
+        n += 1
+    return {"rss_mb": rss / 1024, "pss_mb": pss / 1024, "processes": n}
+
+
+def memory_run(datalist: Path, store: Path, run_dir: Path, steps: int, workers: int, extra: list[str]) -> dict:
+    """`sslkit pretrain` over the store; memory sampled when metrics.jsonl first reaches step 10 (or steps // 2) and
+    step `steps` (the run goes 5 steps further, so the process is still training then)."""
+    early = min(10, max(1, steps // 2))
+    sets = recipe_sets(datalist, store, extra) + [f"train.max_steps={steps + 5}", f"train.num_workers={workers}",
+                                                  "train.ckpt_every=0"]
+    cmd = [sys.executable, "-m", "sslkit", "pretrain", "--cfg", str(RECIPE), "--run-dir", str(run_dir),
+           "--no-progress", *[x for kv in sets for x in ("--set", kv)]]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = open(run_dir.parent / "rss_run.log", "w")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    samples: dict[int, dict] = {}
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        while proc.poll() is None and len(samples) < 2:
+            step = 0
+            if metrics.exists():
+                lines = metrics.read_text().splitlines()
+                step = json.loads(lines[-1])["step"] if lines else 0
+            for target in (early, steps):
+                if step >= target and target not in samples:
+                    samples[target] = {**_memory(proc.pid), "at_step": step}
+            time.sleep(0.2)
+        proc.wait(timeout=3600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    if proc.returncode != 0 or len(samples) < 2:
+        tail = (run_dir.parent / "rss_run.log").read_text()[-2000:]
+        raise SystemExit(f"the memory run failed (exit {proc.returncode}): {tail}")
+    return {"early": samples[early], "late": samples[steps], "workers": workers}
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--scans", type=int, default=500, help="synthetic corpus size (default 500)")
+    p.add_argument("--steps", type=int, default=200, help="steps of the memory run (default 200)")
+    p.add_argument("--reads", type=int, default=300, help="random crops per reader (default 300)")
+    p.add_argument("--prep-scans", type=int, default=60, help="scans timed with 1 and 2 workers (default 60)")
+    p.add_argument("--timing-steps", type=int, default=10, help="steps per round of the step-rate comparison")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the step-rate comparison")
+    p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the step-rate comparison")
+    p.add_argument("--memory-workers", type=int, default=2, help="DataLoader workers of the memory run")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the recipe in the step and memory runs (e.g. a smaller data.roi)")
+    p.add_argument("--work", default=None, help="scratch folder (default: a new temporary folder, removed after)")
+    p.add_argument("--demo", default=None, help="demo corpus folder (default demo_data/ or /tmp/sslkit-test-demo)")
+    a = p.parse_args(argv)
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="sslkit-bench-"))
+    if REPO in work.resolve().parents or work.resolve() == REPO:
+        raise SystemExit(f"--work {work}: the synthetic corpus must not be written inside the repository")
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(a, work)
+    finally:
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(a, work: Path) -> int:
+    os.environ.setdefault("SSLKIT_QUIET", "1")
+    t_start = time.time()
+    say(f"sslkit data pipeline benchmark: {a.scans} synthetic scans, recipe {RECIPE.name} (strong views); "
+        f"{os.cpu_count()} CPUs, {load_avg()}")
+    t = time.perf_counter()
+    datalist = synthetic_corpus(demo_folder(a.demo), work / "bench-corpus", a.scans)
+    corpus = json.loads(datalist.read_text())["training"]
+    raw_mb = sum(Path(e["image"]).stat().st_size for e in corpus) / 1e6
+    say(f"corpus: {a.scans} .nii.gz scans, {raw_mb:.0f} MB, written in {time.perf_counter() - t:.0f} s")
+
+    cfg = recipe(datalist, work / "store_w2", a.overrides, num_workers=a.workers)
+    prep, store = preparation(cfg, work, min(a.prep_scans, a.scans))
+    say(f"preparation 2 vs 1 workers: {prep['one'] / prep['two']:.2f}x  ({prep['scans']} scans: 1 worker "
+        f"{prep['one']:.1f} s, 2 workers {prep['two']:.1f} s; {prep['load']})  [goal >= 1.7x]")
+    say(f"  whole corpus prepared with 2 workers in {prep['all']:.0f} s in all")
+
+    sz = sizes(store, work / "npy")
+    say(f"store bytes / float32 .npy bytes: {sz['store'] / sz['npy']:.3f}  ({sz['store'] / 1e6:.0f} MB vs "
+        f"{sz['npy'] / 1e6:.0f} MB, {sz['volumes']} volumes, float16)  [goal <= 0.35]")
+
+    before = load_avg()
+    rates = crop_reads(store, work / "npy", corpus, list(cfg.data.roi), a.reads)
+    memmap = rates[".npy memmap, kept open"]
+    nifti = rates["NIfTI (.nii.gz) load + crop"]
+    store_rate = rates["store (float16, blosc2)"]
+    say(f"crop reads per second ({'x'.join(map(str, cfg.data.roi))} windows, page-cached files; {before} -> "
+        f"{load_avg()}):")
+    for name, r in rates.items():
+        say(f"  {name:48s} {r:9.1f} /s")
+    say(f"  store / memmap kept open {store_rate / memmap:.2f}x  [goal >= 0.8x];  store / memmap opened per read "
+        f"{store_rate / rates['.npy memmap, opened per read (the old cache)']:.2f}x;  store / NIfTI "
+        f"{store_rate / nifti:.0f}x  [goal >= 10x]")
+
+    sr = step_rates(recipe(datalist, store, a.overrides, num_workers=a.workers), a.timing_steps, a.rounds)
+    say(f"steps per second, data loading / in memory: {sr['loaded'] / sr['memory']:.3f}  (loaded {sr['loaded']:.3f} "
+        f"/s, in memory {sr['memory']:.3f} /s; {sr['steps']} steps each, {sr['workers']} DataLoader worker(s), "
+        f"{sr['threads']} torch threads; {sr['load']})  [goal >= 0.95]")
+
+    mem = memory_run(datalist, store, work / "rss_run", a.steps, a.memory_workers, a.overrides)
+    e, late = mem["early"], mem["late"]
+    say(f"resident memory (sslkit pretrain, {mem['workers']} DataLoader worker(s), {e['processes']} processes): "
+        f"step {e['at_step']} RSS {e['rss_mb']:.0f} MB / PSS {e['pss_mb']:.0f} MB; step {late['at_step']} RSS "
+        f"{late['rss_mb']:.0f} MB / PSS {late['pss_mb']:.0f} MB; growth RSS "
+        f"{100 * (late['rss_mb'] / e['rss_mb'] - 1):+.1f} %, PSS {100 * (late['pss_mb'] / e['pss_mb'] - 1):+.1f} %  "
+        f"[goal < 10 %]")
+    say(f"total {time.time() - t_start:.0f} s; {load_avg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
