@@ -51,8 +51,11 @@ demo: setup
 	@echo "Held-out grey / white matter Dice and HD95 (mm): from scratch vs from the BYOL encoder, same budget."
 	@echo "Watch the pretraining: $(BIN)/sslkit dashboard runs/demo_ct_byol   (http://127.0.0.1:8765)"
 
+# Two test processes (most tests run single-threaded sslkit jobs); each test module stays in one process so its
+# shared runs are made once. `make test JOBS=0` runs in this process only.
+JOBS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope tests
 
 # The label-efficiency demo (docs/study.md): scratch vs the BYOL demo encoder vs Models Genesis on the same
 # Swin-UNETR (the BYOL recipe with its objective swapped), fine-tuned on 1, 2, 4 MNI slabs x 3 seeds. The two
@@ -61,13 +64,12 @@ STUDY_OUT ?= runs/study_demo
 MG_SET := --set 'objectives=[{name: models_genesis}]'
 study: setup
 	$(BIN)/sslkit data demo --out demo_data
-	$(BIN)/python -c "from sslkit.data.demo import build_mni_slabs; print(build_mni_slabs('demo_data'))"
 	{ test -f runs/demo_ct_byol/encoder.safetensors || $(BIN)/sslkit pretrain --cfg pretrain_configs/demo_ct_byol.yaml \
 	    --run-dir runs/demo_ct_byol --resume auto --no-progress --set train.threads=1; } & byol=$$!; \
 	{ test -f runs/demo_models_genesis/encoder.safetensors || $(BIN)/sslkit pretrain --cfg pretrain_configs/demo_ct_byol.yaml \
 	    $(MG_SET) --run-dir runs/demo_models_genesis --resume auto --no-progress --set train.threads=1; } & mg=$$!; \
 	wait $$byol && wait $$mg
-	$(BIN)/python -m sslkit.downstream.study --cfg downstream/demo_study.yaml --scratch \
+	$(BIN)/sslkit study --cfg downstream/demo_study.yaml --scratch \
 	    --encoder byol=runs/demo_ct_byol --encoder genesis=runs/demo_models_genesis \
 	    --budgets 1,2,4 --seeds 0,1,2 --jobs 2 --no-progress --out $(STUDY_OUT)
 

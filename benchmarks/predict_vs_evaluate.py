@@ -46,7 +46,7 @@ def main() -> None:
     right = np.zeros(gt.shape, bool)
     right[mid:] = True
     names = list(per_class)
-    print(f"evaluate (validation hemisphere, 2 mm grid): " + ", ".join(f"{n} {v:.3f}" for n, v in per_class.items())
+    print("evaluate (validation hemisphere, 2 mm grid): " + ", ".join(f"{n} {v:.3f}" for n, v in per_class.items())
           + f"; mean {summary['mean_dice']:.3f}")
     full = [dice(pred, gt, k + 1) for k in range(len(names))]
     half = [dice(np.where(right, pred, 0), np.where(right, gt, 0), k + 1) for k in range(len(names))]

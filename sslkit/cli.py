@@ -117,6 +117,9 @@ def _add_data(sub) -> None:
     i.add_argument("root", help="folder to search (recursively)")
     i.add_argument("--out", required=True, help="datalist JSON to write")
     i.set_defaults(func=cmd_data_index)
+    from sslkit.data.prepare import add_prepare_parser
+
+    add_prepare_parser(dsub)
 
 
 def cmd_data_demo(a) -> int:
@@ -283,13 +286,19 @@ def cmd_predict(a) -> int:
     return 0
 
 
+def _add_study(sub) -> None:
+    from sslkit.downstream.study import add_study_parser
+
+    add_study_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sslkit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=_version())
     parser.add_argument("--verbose", action="store_true",
                         help="keep third-party start-up messages (DeepSpeed, torch extensions, pydicom)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_pretrain, _add_export, _add_data, _add_info, _add_monitor, _add_downstream):
+    for add in (_add_pretrain, _add_export, _add_data, _add_info, _add_monitor, _add_downstream, _add_study):
         add(sub)
     return parser
 

@@ -30,6 +30,26 @@ def scan_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("scan-cache")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-waiting on a busy core made
+    small loops 10-30x slower; one thread keeps each run at a few seconds."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_swin(dims: int = 3):
+    """A Swin-UNETR encoder small enough for CPU loss tests (feature size 12, window 4, one block per stage)."""
+    from sslkit.models import build_encoder
+
+    return build_encoder("swin_unetr", spatial_dims=dims, in_channels=1, feature_size=12, window_size=4,
+                         depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+
+
 def tiny_raw(demo_dir: Path, cache: Path, **sections) -> dict:
     """A 4-step BYOL recipe on the demo corpus with a tiny Swin encoder (feature size 12, 32^3 crops).
 

@@ -421,16 +421,19 @@ def fallback_run(ref, tmp_path_factory):
 
 def test_corrupt_newest_checkpoints_fall_back_with_one_line_each(ref, fallback_run):
     """Before: `PytorchStreamReader failed` / `KeyError` / `FileNotFoundError` tracebacks, or a truncated student
-    not noticed. Now one warning line per bad checkpoint, the run resumes from the newest valid one and ends with
-    the uninterrupted run's weights."""
+    not noticed. Now one warning line per bad checkpoint (and one saying they were set aside), the run resumes
+    from the newest valid one and ends with the uninterrupted run's weights."""
     ref_dir, _ = ref
     run_dir, res, _ = fallback_run
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     warnings = _stderr_lines(res, "sslkit: warning:")
-    assert len(warnings) == 2, res.stderr[-3000:]
+    assert len(warnings) == 3, res.stderr[-3000:]
     assert "step_00000003" in warnings[0] and "student.safetensors" in warnings[0] and "bytes" in warnings[0]
     assert "step_00000002" in warnings[1] and "trainer.json is missing" in warnings[1]
+    assert "the 2 newer checkpoint(s) moved to" in warnings[2]  # set aside (kept), never resumed from again
+    assert sorted(p.name for p in (run_dir / R.CHECKPOINTS / "abandoned").iterdir()) == ["step_00000002",
+                                                                                       "step_00000003"]
     assert f"resumed from {run_dir / R.CHECKPOINTS / 'step_00000001'} at step 1" in res.stdout
     s_ref, t_ref = ckpt_tensors(ref_dir, 4)
     s, t = ckpt_tensors(run_dir, 4)

@@ -12,25 +12,16 @@ import torch
 import torch.nn.functional as F
 
 from sslkit.errors import ConfigError
-from sslkit.models import build_encoder
 from sslkit.objectives.models_genesis import (
     GenesisRates, ModelsGenesis, box_mask, draw_boxes, draw_flags, draw_flips, draw_nonlinear, draw_shuffle_blocks,
     flip_batch, genesis_transform, inner_cutout, local_pixel_shuffle, nonlinear_intensity, outer_cutout,
     shuffle_window_limit)
 from sslkit.objectives.registry import build_objective
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from conftest import tiny_swin
 
 
-def tiny_swin(dims: int):
-    return build_encoder("swin_unetr", spatial_dims=dims, in_channels=1, feature_size=12, window_size=4,
-                         depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ non-linear

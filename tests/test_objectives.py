@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from sslkit.errors import ConfigError
-from sslkit.models import build_encoder
 from sslkit.models.vit import ViTEncoder, sincos_pos_embed
 from sslkit.objectives import ForwardContext
 from sslkit.objectives.composite import Composite
@@ -27,22 +26,12 @@ from sslkit.objectives.simclr import NTXentLoss
 from sslkit.objectives.simmim import SimMIM
 from sslkit.objectives.views import CorruptionSpec, cutout, rotate_batch, shared_view
 
+from conftest import tiny_swin
+
 CH2 = Path("/usr/share/mricron/templates/ch2.nii.gz")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, 2 OpenMP threads spin-waiting on a busy core made
-    these loops 10-30x slower; one thread keeps each run at a few seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_swin(dims: int):
-    return build_encoder("swin_unetr", spatial_dims=dims, in_channels=1, feature_size=12, window_size=4,
-                         depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_vit(dims: int):

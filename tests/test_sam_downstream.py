@@ -202,20 +202,23 @@ def test_spacing_zero_keeps_the_slice_spacing(tmp_path):
 # ------------------------------------------------------------------------------------------ heads train
 
 
-@pytest.mark.parametrize("head", ["autosam", "cnn", "linear"])
-def test_head_trains_on_one_labelled_volume(head, tmp_path):
-    """Frozen (random) SAM-shaped encoder, one labelled volume's slices, 60 steps: validation Dice on the other
-    volume beats the same model's untrained Dice by at least 0.2."""
+# the CNN head (4 upsampling stages from the 8x8 token grid) learns slower than the other two on this demo:
+# 0.162 -> 0.192 after 60 steps, 0.379 after 120 (measured)
+@pytest.mark.parametrize("head, steps", [("autosam", 60), ("cnn", 120), ("linear", 60)])
+def test_head_trains_on_one_labelled_volume(head, steps, tmp_path):
+    """Frozen (random) SAM-shaped encoder, one labelled volume's slices: validation Dice on the other volume beats
+    the same model's untrained Dice by at least 0.2."""
     from sslkit.downstream.train import finetune
 
-    cfg = load_downstream_config(AUTOSAM, [f"model.args.head={head}", "train.max_steps=60", "train.val_every=60"])
+    cfg = load_downstream_config(AUTOSAM, [f"model.args.head={head}", f"train.max_steps={steps}",
+                                           f"train.val_every={steps}"])
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     data = make_datasets(cfg.data)
     val_ds, val_cases = data.val, data.val_cases
     before = validate(model, val_ds, cfg, torch.device("cpu"), val_cases)[0]["mean_dice"]
     out = finetune(cfg, tmp_path / head, progress=False)
-    print(f"\n{head}: untrained Dice {before:.3f} -> {out['best_dice']:.3f} after 60 steps")
+    print(f"\n{head}: untrained Dice {before:.3f} -> {out['best_dice']:.3f} after {steps} steps")
     assert out["best_dice"] > before + 0.2
     rows = [json.loads(x) for x in (tmp_path / head / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     losses = [r["loss"] for r in rows]

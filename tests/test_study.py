@@ -188,6 +188,8 @@ def test_tiny_study_writes_its_report_and_resumes_without_redoing_finished_cells
     assert "scratch/b1_s0" not in [c[0] for c in calls] and len(calls) == 7     # the finished cell is skipped
     assert "scratch/b1_s0" not in evaluated and len(evaluated) == 7
     assert {p: p.stat().st_mtime_ns for p in done.rglob("*") if p.is_file()} == stamps
+    for cell in S.study_grid(["rand"], True, [1, 2], [0, 1]):  # evaluated: the best model stays, checkpoints go
+        assert (out / cell.name / "model.safetensors").is_file() and not (out / cell.name / "checkpoints").exists()
     assert all(resume == "auto" for _, resume, _ in calls)
     assert "resumed from" in capsys.readouterr().out                           # rand/b1_s0 continued at step 1
     steps = [r["step"] for r in R.read_jsonl(out / "rand" / "b1_s0" / "metrics.jsonl")]

@@ -13,23 +13,14 @@ import torch.nn.functional as F
 
 from sslkit.data.multicrop import cut_windows, overlap_targets, voco_region, voco_sample, voco_windows
 from sslkit.errors import ConfigError
-from sslkit.models import build_encoder
 from sslkit.objectives import ForwardContext
 from sslkit.objectives.registry import build_objective
 from sslkit.objectives.voco import VoCo, position_logits, prediction_loss, regularization_loss
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from conftest import tiny_swin
 
 
-def tiny_swin(dims: int = 3):
-    return build_encoder("swin_unetr", spatial_dims=dims, in_channels=1, feature_size=12, window_size=4,
-                         depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------ geometry

@@ -25,7 +25,11 @@ Downstream demo layouts are written from the same sources (`build_mni_gm_wm`, `b
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import functools
 import json
+import os
 import plistlib
 import shutil
 import tarfile
@@ -45,6 +49,41 @@ DATALIST_NAME = "datalist.json"
 LABEL_SUBSETS = {"labelled_mni_gmwm": "mri_mni152_gmwm.nii.gz", "labelled_ct_head": "ct_head_label.nii.gz"}
 
 
+_BUILD_LOCK = Path(tempfile.gettempdir()) / "sslkit-demo-build.lock"
+_held = 0  # re-entrancy depth of this process's hold on _BUILD_LOCK (builders call each other)
+
+
+@contextlib.contextmanager
+def _build_lock():
+    """One process at a time writes demo files on this machine: fine-tunes started together (a study's workers,
+    parallel tests) would otherwise write the same files at once and read each other's half-written ones."""
+    global _held
+    if _held:
+        _held += 1
+        try:
+            yield
+        finally:
+            _held -= 1
+        return
+    fd = os.open(_BUILD_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _held = 1
+        yield
+    finally:
+        _held = 0
+        os.close(fd)  # releases the lock
+
+
+def _one_builder_at_a_time(builder):
+    @functools.wraps(builder)
+    def locked(*args, **kwargs):
+        with _build_lock():
+            return builder(*args, **kwargs)
+
+    return locked
+
+
 def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     import nibabel as nib
 
@@ -52,7 +91,7 @@ def _save_nifti(arr: np.ndarray, affine: np.ndarray, path: Path) -> Path:
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    tmp = path.with_name(path.name.replace(".nii.gz", ".tmp.nii.gz"))
+    tmp = path.with_name(path.name.replace(".nii.gz", f".tmp-{os.getpid()}.nii.gz"))
     nib.save(img, str(tmp))
     tmp.replace(path)
     return path
@@ -210,12 +249,14 @@ def _add_missing_subsets(out: Path) -> None:
         write_datalist({**doc, **missing}, dl, base_dir=out)
 
 
+@_one_builder_at_a_time
 def build_demo_corpus(out_dir: Path) -> Path:
     """Build (once) the demo corpus in `out_dir` and return its datalist.json path. Idempotent: a complete
     corpus is left as it is (it only gains lists added to the builder since, see LABEL_SUBSETS)."""
     out = Path(out_dir).expanduser().resolve()
     if _complete(out):
         _add_missing_subsets(out)
+        _downstream_demos(out)
         return out / DATALIST_NAME
     out.mkdir(parents=True, exist_ok=True)
     training, labelled, dicom = [], [], []
@@ -244,7 +285,15 @@ def build_demo_corpus(out_dir: Path) -> Path:
 
     doc = {"name": "sslkit demo corpus", "description": __doc__.split("\n\n")[0],
            "training": training, "labelled": labelled, **_label_subsets(labelled), "dicom": dicom}
-    return write_datalist(doc, out / DATALIST_NAME, base_dir=out)
+    path = write_datalist(doc, out / DATALIST_NAME, base_dir=out)
+    _downstream_demos(out)
+    return path
+
+
+def _downstream_demos(out: Path) -> None:
+    """The downstream demo layouts written from the corpus (hemispheres, the slab study's cases), once."""
+    if (out / "mri_mni152_t1.nii.gz").is_file():
+        build_mni_slabs(out)
 
 
 # ------------------------------------------------------------------------------------ downstream demo layouts
@@ -278,6 +327,7 @@ def _halves(image: Path, label: Path, out: Path, stem: str, mid: int | None = No
             [{"image": str(files["right"][0]), "label": str(files["right"][1])}])
 
 
+@_one_builder_at_a_time
 def build_mni_gm_wm(root: str | Path, spatial_dims: int = 3) -> tuple[list[dict], list[dict]]:
     """The MNI152 grey / white matter demo under `root` (idempotent, no network): the corpus's 1 mm MNI152 T1 and
     label map (`mri_mni152_t1.nii.gz` / `mri_mni152_gmwm.nii.gz`, written by nilearn's bundled template when `root`
@@ -314,6 +364,7 @@ def _axial_slices(case: dict, out: Path, offset: int, every: int = 6, lo: int = 
     return cases
 
 
+@_one_builder_at_a_time
 def build_mni_acdc(root: str | Path) -> Path:
     """The MNI GM/WM demo in the ACDC layout: training/patient001 = left hemisphere, testing/patient002 = right
     (one frame each, labels 1 grey / 2 white matter). Idempotent."""
@@ -329,6 +380,7 @@ def build_mni_acdc(root: str | Path) -> Path:
     return root
 
 
+@_one_builder_at_a_time
 def build_ct_head_halves(corpus: str | Path) -> tuple[list[dict], list[dict]]:
     """Demo: the demo corpus's head CT (`sslkit data demo` folder) split into a left half (train) and a right
     half (validation) under `corpus`/halves/; labels 1 bone, 2 soft tissue. Idempotent."""
@@ -353,6 +405,7 @@ def _slab_bounds(label: np.ndarray, n_slabs: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
+@_one_builder_at_a_time
 def build_mni_slabs(root: str | Path, n_slabs: int = 6) -> Path:
     """The label-efficiency demo (`sslkit study`) under `root` (the demo corpus; idempotent, no network); returns
     the path of its datalist, `root`/mni_slabs/datalist.json (layout `datalist`).

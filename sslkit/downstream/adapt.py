@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
 from torch import nn
 
 from sslkit.errors import ConfigError
@@ -211,7 +210,9 @@ def check_buildable(cfg) -> None:
     """The segmenter and its adaptation mode on empty (meta) weights: bad model or adaptation options fail in
     seconds, before any scan is preprocessed."""
     from sslkit.models.base import empty_weights
+    from sslkit.monitor.trackers import check_logging_config
 
+    check_logging_config(cfg.logging)
     if not cfg.model.name:
         raise ConfigError("model.name: not set; give --encoder with an sslkit plan, or set model.name in the recipe")
     try:

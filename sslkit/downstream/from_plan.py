@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from sslkit.plan import intensity_schemes, make_plan, preprocessing_plan
+from sslkit.plan import make_plan, preprocessing_plan
 
 # ------------------------------------------------------------------------------------------ recipe from plan
 
@@ -122,8 +122,6 @@ def segmenter_plan(cfg, encoder_plan: dict | None, input_stats: dict, recipe: di
                    source: dict | None = None) -> dict:
     """The plan of a fine-tuned segmentation model: its own preprocessing (what predict must do), its encoder,
     the segmenter, and the statistics of the inputs it was trained on."""
-    from sslkit.models.registry import segmenter_for_encoder  # noqa: F401 - registry loaded for names
-
     m, d = cfg.model, cfg.data
     prep = preprocessing_plan(d, m.spatial_dims, m.in_channels, slices=d.slices)
     if encoder_plan is not None:
@@ -199,8 +197,3 @@ def _fmt(v: list[float]) -> str:
 
 def _fmt_ranges(r: list[list[float]]) -> str:
     return "[" + ", ".join(f"{a:.3g}" if math.isclose(a, b) else f"{a:.3g}..{b:.3g}" for a, b in r) + "]"
-
-
-def intensity_of(cfg_data, modality: str) -> dict:
-    """The intensity scheme a downstream data section applies to `modality` (for reports)."""
-    return intensity_schemes(cfg_data)[modality]

@@ -13,7 +13,8 @@ architecture and preprocessing as the first encoder's plan, from random weights 
 Layout of the output folder DIR:
   study.json                 the recipe, its overrides and each encoder's path and weights digest (a later run
                              into the same DIR must use the same weights per name; budgets and seeds may grow)
-  <encoder>/b<budget>_s<seed>/  one fine-tuning run directory per cell (eval/metrics.json once evaluated)
+  <encoder>/b<budget>_s<seed>/  one fine-tuning run directory per cell (eval/metrics.json once evaluated; its
+                             checkpoints/ are removed then, unless keep_checkpoints)
   timings.jsonl              one row per finished phase of a cell: wall and CPU seconds, load average
   study.csv                  one row per evaluated cell
   study.md, study.png, study.svg   the report: mean +- std over seeds, paired differences, the plot
@@ -250,8 +251,11 @@ def _log_time(out: Path, cell: Cell, phase: str, clock: _Clock) -> None:
     w.close()
 
 
-def run_cell(arm: Arm, cell: Cell, out: Path, n_train: int, recipe_path, progress: bool) -> str | None:
-    """Train (or continue) and evaluate one cell; returns the signal name when a signal stopped it."""
+def run_cell(arm: Arm, cell: Cell, out: Path, n_train: int, recipe_path, progress: bool,
+             keep_checkpoints: bool = False) -> str | None:
+    """Train (or continue) and evaluate one cell; returns the signal name when a signal stopped it. An evaluated
+    cell's checkpoints/ (only needed to resume it; ~45 MB for the demo's Swin-UNETR) are removed unless
+    `keep_checkpoints`; its best model (model.safetensors) stays."""
     from sslkit.downstream.evaluate import evaluate
     from sslkit.downstream.train import finetune
 
@@ -261,6 +265,7 @@ def run_cell(arm: Arm, cell: Cell, out: Path, n_train: int, recipe_path, progres
     if state != "todo":
         _check_not_stale(run_dir, expected)
     if state == "done":
+        _drop_checkpoints(run_dir, keep_checkpoints)
         return None
     if state == "todo":
         print(f"study: {cell.name}: fine-tuning", flush=True)
@@ -273,7 +278,15 @@ def run_cell(arm: Arm, cell: Cell, out: Path, n_train: int, recipe_path, progres
     with _Clock() as clock:
         evaluate(run_dir, device=expected["train"]["device"])
     _log_time(out, cell, "evaluate", clock)
+    _drop_checkpoints(run_dir, keep_checkpoints)
     return None
+
+
+def _drop_checkpoints(run_dir: Path, keep: bool) -> None:
+    import shutil
+
+    if not keep:
+        shutil.rmtree(run_dir / R.CHECKPOINTS, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ results
@@ -610,13 +623,14 @@ def _prepare(recipe_path, encoders: dict[str, str], scratch: bool, budgets: list
     return raw, _Plan(arms, study_grid(list(encoders), scratch, budgets, seeds), n_train, info, encoders)
 
 
-def _run_cells(plan: _Plan, cells: list[Cell], out: Path, recipe_path, progress: bool) -> str | None:
+def _run_cells(plan: _Plan, cells: list[Cell], out: Path, recipe_path, progress: bool,
+               keep_checkpoints: bool) -> str | None:
     """Run `cells` one after the other (finished ones are only checked); the signal that stopped one, or None."""
     by_name = {a.name: a for a in plan.arms}
     for cell in cells:
         if cell_state(out / cell.name) != "done":
             print(f"study: cell {plan.cells.index(cell) + 1}/{len(plan.cells)}", flush=True)
-        stopped = run_cell(by_name[cell.encoder], cell, out, plan.n_train, recipe_path, progress)
+        stopped = run_cell(by_name[cell.encoder], cell, out, plan.n_train, recipe_path, progress, keep_checkpoints)
         if stopped:
             return stopped
     return None
@@ -628,12 +642,12 @@ def _done(out: Path, cells: list[Cell]) -> set[str]:
 
 def run_study(recipe_path: str | Path, encoders: dict[str, str], scratch: bool, budgets: list[int],
               seeds: list[int], out: str | Path, overrides=(), progress: bool = True, jobs: int = 1,
-              shard: tuple[int, int] | None = None) -> StudyResult:
+              keep_checkpoints: bool = False, shard: tuple[int, int] | None = None) -> StudyResult:
     """Fine-tune and evaluate every (encoder, budget, seed) cell under `out`, skipping finished cells, then write
     study.csv / study.md / study.png / study.svg. `encoders`: {name: encoder path (run directory, checkpoint or
     .safetensors)}; `scratch`: add the from-scratch baseline (the first encoder's plan, random weights).
 
-    `jobs` > 1 runs the cells in that many worker processes (`python -m sslkit.downstream.study --shard i/jobs`,
+    `jobs` > 1 runs the cells in that many worker processes (`python -m sslkit study ... --shard i/jobs`,
     cell k in worker k mod jobs), each with train.threads = max(1, threads // jobs); small 3-D models use two
     single-threaded processes better than one process with two threads. SIGINT / SIGTERM / SIGUSR1 reach every
     worker: each stops after its current step with a checkpoint. `shard` = (i, n): run only cells k with
@@ -643,7 +657,7 @@ def run_study(recipe_path: str | Path, encoders: dict[str, str], scratch: bool, 
     before = _done(out, plan.cells)
     if shard is not None:
         i, n = shard
-        stopped = _run_cells(plan, plan.cells[i::n], out, recipe_path, progress)
+        stopped = _run_cells(plan, plan.cells[i::n], out, recipe_path, progress, keep_checkpoints)
         return StudyResult(out, [], [], stopped, len(plan.cells), len(_done(out, plan.cells) - before))
     out.mkdir(parents=True, exist_ok=True)
     _check_manifest(out, recipe_path, overrides, plan.arms)
@@ -651,16 +665,16 @@ def run_study(recipe_path: str | Path, encoders: dict[str, str], scratch: bool, 
         threads = raw.get("train", {}).get("threads") or os.cpu_count() or 1
         cmd = _worker_command(recipe_path, plan.encoders, scratch, plan.info.budgets, plan.info.seeds, out,
                               list(overrides) + [f"train.threads={max(1, threads // jobs)}"])
-        stopped = _run_workers(cmd, jobs)
+        stopped = _run_workers(cmd + (["--keep-checkpoints"] if keep_checkpoints else []), jobs)
     else:
-        stopped = _run_cells(plan, plan.cells, out, recipe_path, progress)
+        stopped = _run_cells(plan, plan.cells, out, recipe_path, progress, keep_checkpoints)
     rows = write_reports(out, plan.cells, [a.name for a in plan.arms], plan.info)
     return StudyResult(out, rows, paired_differences(rows), stopped, len(plan.cells),
                        len(_done(out, plan.cells) - before))
 
 
 def _worker_command(recipe_path, encoders, scratch, budgets, seeds, out, overrides) -> list[str]:
-    cmd = [sys.executable, "-m", "sslkit.downstream.study", "--cfg", str(recipe_path), "--out", str(out),
+    cmd = [sys.executable, "-m", "sslkit", "study", "--cfg", str(recipe_path), "--out", str(out),
            "--budgets", ",".join(map(str, budgets)), "--seeds", ",".join(map(str, seeds)), "--no-progress"]
     for name, path in encoders.items():
         cmd += ["--encoder", f"{name}={path}"]
@@ -736,6 +750,8 @@ def _add_study_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="cells run in N worker processes at once, each with train.threads // N threads "
                         "(default 1; 2 on a 2-core machine finishes sooner)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each evaluated cell's checkpoints/ (by default only its best model and reports stay)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (metrics.jsonl is still written)")
     p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # I/N: what a --jobs worker runs
 
@@ -752,7 +768,7 @@ def cmd_study(a) -> int:
         raise ConfigError(f"--jobs: must be at least 1, got {a.jobs}")
     res = run_study(a.cfg, parse_encoders(a.encoder), a.scratch, parse_int_list(a.budgets, "--budgets"),
                     parse_int_list(a.seeds, "--seeds"), a.out, a.overrides, progress=not a.no_progress,
-                    jobs=a.jobs, shard=_shard(a.shard))
+                    jobs=a.jobs, keep_checkpoints=a.keep_checkpoints, shard=_shard(a.shard))
     if res.stopped_by_signal:
         if a.shard is None:
             print(f"sslkit: study stopped by {res.stopped_by_signal}; the finished cells are in "
@@ -762,22 +778,3 @@ def cmd_study(a) -> int:
         print(f"{len(res.rows)}/{res.cells} cells evaluated; wrote {res.out / 'study.md'}, {res.out / 'study.csv'}, "
               f"{res.out / 'study.png'}, {res.out / 'study.svg'}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m sslkit.downstream.study` (what --jobs workers run): the options of `sslkit study`."""
-    p = argparse.ArgumentParser(prog="sslkit study")
-    _add_study_options(p)
-    a = p.parse_args(argv)
-    try:
-        return cmd_study(a)
-    except UserError as e:
-        print(f"sslkit: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sslkit: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -66,9 +66,11 @@ def check_buildable(cfg: Config, device: torch.device) -> None:
     seconds, not a corpus cache. One-line ConfigError naming the key."""
     from sslkit.data.views import validate_view_config
     from sslkit.models.base import empty_weights
+    from sslkit.monitor.trackers import check_logging_config
 
     t = cfg.train
     validate_view_config(cfg.data.views)
+    check_logging_config(cfg.logging)
     if cfg.model.init_from and not Path(cfg.model.init_from).expanduser().exists():
         raise ConfigError(f"model.init_from: {cfg.model.init_from} not found")
     if t.precision == "fp16" and device.type != "cuda":
@@ -115,7 +117,7 @@ def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return cls(groups, lr=o.lr, betas=tuple(o.betas))
 
 
-def make_dataset(cfg: Config, run_dir: Path):
+def make_dataset(cfg: Config, run_dir: Path, progress: bool = True):
     """The pretraining dataset over the store in `cache_dir_of(cfg, run_dir)`, holding what the objectives request
     (`Composite.data_requests`). One process prepares missing volumes itself; under a launcher every rank prepares
     its part of the datalist at once, waiting for the others by polling markers in the run directory (no
@@ -135,10 +137,10 @@ def make_dataset(cfg: Config, run_dir: Path):
                          requests=requests)
     rank, world = D.rank(), D.world_size()
     if world == 1:
-        return ds.prepare(progress=True)
+        return ds.prepare(progress=progress)
     token = D.broadcast_int(random.SystemRandom().randrange(1, 2**62) if rank == 0 else 0)
     return prepare_with_ranks(ds, rank, world, Path(run_dir) / MARKERS / f"{token:x}", D.barrier,
-                              progress=rank == 0)
+                              progress=progress and rank == 0)
 
 
 def cache_dir_of(cfg: Config, run_dir: Path) -> Path:
@@ -278,7 +280,7 @@ def _train(cfg: Config, run: R.RunDir, device: torch.device, progress: bool, sto
 
     run_dir, t = run.root, cfg.train
     rank, world = D.rank(), D.world_size()
-    dataset = make_dataset(cfg, run_dir)
+    dataset = make_dataset(cfg, run_dir, progress)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg)
     if cfg.model.init_from and run.resume_from is None:
