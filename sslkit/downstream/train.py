@@ -251,8 +251,9 @@ def _finetune(cfg, run: R.RunDir, device, encoder, progress: bool, stop: R.StopS
                 trackers.log_metrics(step, row)
                 if validating or stop.requested:
                     checkpoint()
-                bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", best_dice=f"{best_dice:.4f}" if best_step >= 0 else "-")
+                bar.set_postfix(loss=f"{row['loss']:.4f}", best_dice=f"{best_dice:.4f}" if best_step >= 0 else "-",
+                                refresh=False)
+                bar.update(1)  # one refresh per step
                 if stop.requested:
                     stopped_by = stop.requested
                     break

@@ -577,8 +577,8 @@ def _say(bar, text: str) -> None:
 
 
 def _advance(bar, m: dict) -> None:
-    bar.update(m["step"] - bar.n)
     post = {"loss": f"{m['loss']:.4f}", "samples/s": f"{m['samples_per_s']:.2f}", "lr": f"{m['lr']:.2e}"}
     if "monitor/embedding_std" in m:
         post["std"] = f"{m['monitor/embedding_std']:.2f}"
     bar.set_postfix(post, refresh=False)
+    bar.update(m["step"] - bar.n)  # one refresh per step, showing this step's figures
