@@ -171,7 +171,8 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _file_digest(path: Path) -> str:
+def file_digest(path: Path) -> str:
+    """blake2b (16 bytes, hex) of a file's content, read 1 MiB at a time."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=16)
@@ -183,7 +184,7 @@ def _file_digest(path: Path) -> str:
 
 def _manifest(folder: Path) -> dict:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE)
-    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "blake2b": _file_digest(p)} for p in files}
+    return {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "blake2b": file_digest(p)} for p in files}
 
 
 def checkpoint_problem(folder: Path) -> str | None:
@@ -201,7 +202,7 @@ def checkpoint_problem(folder: Path) -> str | None:
             return f"{rel} is missing"
         if p.stat().st_size != want["bytes"]:
             return f"{rel} has {p.stat().st_size} bytes, {want['bytes']} were written"
-        if _file_digest(p) != want["blake2b"]:
+        if file_digest(p) != want["blake2b"]:
             return f"{rel} does not match its checksum"
     return None
 

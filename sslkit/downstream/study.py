@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import math
 import os
@@ -134,14 +133,6 @@ def _check_name(name: str) -> None:
         raise ConfigError(f"--encoder {name!r}: a name is letters, digits, '_', '.', '-' and not '{SCRATCH}'")
 
 
-def _weights_digest(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class Arm:
     """One line of the study: an encoder (or scratch) with its resolved config and the weights file it loads."""
@@ -185,7 +176,7 @@ def _check_manifest(out: Path, recipe_path, overrides, arms: list[Arm]) -> dict:
     """study.json of this study; a later run into the same folder must use the same encoder weights."""
     path = out / STUDY_FILE
     now = {"recipe": str(recipe_path), "overrides": list(overrides),
-           "encoders": {a.name: {"path": str(a.weights), "blake2b": _weights_digest(a.weights)}
+           "encoders": {a.name: {"path": str(a.weights), "blake2b": R.file_digest(a.weights)}
                         for a in arms if a.weights is not None}}
     if path.is_file():
         old = json.loads(path.read_text(encoding="utf-8"))
