@@ -416,12 +416,17 @@ def flat_items(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def config_changes(old: dict, new: dict) -> list[str]:
-    """Keys whose value differs between two resolved configs, except those a resumed run may change."""
+def config_changes(old: dict, new: dict, ignore: tuple[str, ...] = RESUMABLE_CHANGES) -> list[str]:
+    """Dotted keys whose value differs between two resolved configs, except those under `ignore` (by default the
+    keys a resumed run may change)."""
     a, b = flat_items(old), flat_items(new)
     keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k) != b.get(k)
-            and not any(k == p or k.startswith(p + ".") for p in RESUMABLE_CHANGES)]
+    return [k for k in keys if a.get(k) != b.get(k) and not any(k == p or k.startswith(p + ".") for p in ignore)]
+
+
+def changes_text(changed: list[str], shown: int = 6) -> str:
+    """The first `shown` changed keys, comma-separated, ' ...' when there are more."""
+    return ", ".join(changed[:shown]) + (" ..." if len(changed) > shown else "")
 
 
 class RunDir:
@@ -466,9 +471,8 @@ class RunDir:
                 if changed:
                     from sslkit.errors import UserError
 
-                    raise UserError(f"{root}: --resume with another recipe: {', '.join(changed[:6])}"
-                                    f"{' ...' if len(changed) > 6 else ''} differ from config.yaml; resume with the "
-                                    "same recipe or use a new --run-dir")
+                    raise UserError(f"{root}: --resume with another recipe: {changes_text(changed)} differ from "
+                                    "config.yaml; resume with the same recipe or use a new --run-dir")
             _set_aside_newer(root / CHECKPOINTS, resume_from, warn)
             atomic_write_text(root / "config.yaml", yaml.safe_dump(config, sort_keys=False))
             start = checkpoint_step(resume_from) if resume_from is not None else 0

@@ -80,6 +80,15 @@ def write_cfg(raw: dict, path: Path) -> Path:
     return path
 
 
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a launcher's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def sslkit_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "sslkit", *args]
 

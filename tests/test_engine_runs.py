@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,15 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, ckpt_tensors, job_env, max_abs_diff, run_cli, sslkit_cmd, tiny_raw, write_cfg
+from conftest import (REPO, ckpt_tensors, free_port, job_env, max_abs_diff, run_cli, sslkit_cmd, tiny_raw,
+                      write_cfg)
 
 SGD = {"name": "sgd", "lr": 0.05, "betas": [0.9, 0.999]}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +36,7 @@ def test_two_processes_zero_match_one_process(stage, reference_run, demo_dir, sc
     ref_dir, _ = reference_run
     raw = tiny_raw(demo_dir, scan_cache, optim=SGD, train={"micro_batch_size": 1, "zero_stage": stage})
     cfg = write_cfg(raw, tmp_path / "z.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "sslkit", "pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO, env=job_env())
     assert res.returncode == 0, res.stderr[-3000:]

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -17,16 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, ckpt_tensors, job_env, max_abs_diff, run_cli, tiny_raw, write_cfg
+from conftest import REPO, ckpt_tensors, free_port, job_env, max_abs_diff, run_cli, tiny_raw, write_cfg
 
 SBATCH = REPO / "examples" / "slurm_pretrain.sbatch"
 SGD = {"name": "sgd", "lr": 0.05, "betas": [0.9, 0.999]}
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------ two nodes
@@ -90,7 +84,7 @@ def test_two_nodes_match_one_process(one_process_run, demo_dir, scan_cache, tmp_
     process with the same global batch: LayerNorm heads keep samples independent and the sampler shards one
     seeded permutation, so student and EMA teacher match after 4 steps."""
     cfg = _two_rank_cfg(demo_dir, scan_cache, tmp_path / "two.yaml")
-    port = _free_port()
+    port = free_port()
     logs = [tmp_path / f"node{r}.log" for r in (0, 1)]
     codes = _run_all([_node_cmd(r, port, cfg, tmp_path / "two") for r in (0, 1)], logs, job_env())
     assert codes == [0, 0], [log.read_text(encoding="utf-8")[-3000:] for log in logs]
@@ -106,7 +100,7 @@ def test_deepspeed_launcher_with_a_hostfile_matches_one_process(one_process_run,
     hostfile.write_text("localhost slots=2\n", encoding="utf-8")
     deepspeed = Path(sys.executable).parent / "deepspeed"
     cmd = [str(deepspeed), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "--module", "--no_local_rank", "sslkit", "pretrain", "--cfg", str(cfg),
+           "--master_port", str(free_port()), "--module", "--no_local_rank", "sslkit", "pretrain", "--cfg", str(cfg),
            "--run-dir", str(tmp_path / "two"), "--no-progress"]
     env = job_env(DS_ACCELERATOR="cpu", PATH=f"{deepspeed.parent}{os.pathsep}{os.environ.get('PATH', '')}")
     log = tmp_path / "deepspeed.log"

@@ -11,7 +11,6 @@ import json
 import multiprocessing as mp
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, ckpt_tensors, job_env, max_abs_diff, tiny_raw
+from conftest import REPO, ckpt_tensors, free_port, job_env, max_abs_diff, tiny_raw
 from sslkit.config import DataConfig, ViewConfig, config_from_dict
 from sslkit.data.datalist import load_datalist
 from sslkit.data.multicrop import overlap_targets, voco_region
@@ -344,11 +343,6 @@ def test_waiting_for_parts_names_the_missing_ranks(tmp_path):
         wait_for_parts(tmp_path / "m", 3, timeout_s=60, poll_s=0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow
 def test_two_ranks_prepare_a_fresh_store_under_torchrun(demo_dir, corpus, tmp_path):
@@ -356,7 +350,7 @@ def test_two_ranks_prepare_a_fresh_store_under_torchrun(demo_dir, corpus, tmp_pa
     raw["data"]["datalist"] = str(corpus)
     cfg = tmp_path / "r.yaml"
     cfg.write_text(json.dumps(raw))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "sslkit", "pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO,
                          env=job_env())

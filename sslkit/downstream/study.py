@@ -192,12 +192,6 @@ def _check_manifest(out: Path, recipe_path, overrides, arms: list[Arm]) -> dict:
 # ------------------------------------------------------------------------------------------------ cells
 
 
-def _flat_differences(old: dict, new: dict) -> list[str]:
-    a, b = R.flat_items(old), R.flat_items(new)
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
-            and not any(k == p or k.startswith(p + ".") for p in _RUN_ONLY_KEYS)]
-
-
 def cell_config(arm: Arm, cell: Cell, n_train: int) -> dict:
     return cell_recipe(arm.config, cell, n_train)
 
@@ -216,11 +210,10 @@ def _check_not_stale(run_dir: Path, expected: dict) -> None:
     import yaml
 
     used = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
-    changed = _flat_differences(used, expected)
+    changed = R.config_changes(used, expected, ignore=_RUN_ONLY_KEYS)
     if changed:
-        raise UserError(f"{run_dir}: finished with another recipe ({', '.join(changed[:6])}"
-                        f"{' ...' if len(changed) > 6 else ''} differ); use a new --out, or delete that cell to "
-                        "train it again")
+        raise UserError(f"{run_dir}: finished with another recipe ({R.changes_text(changed)} differ); use a new "
+                        "--out, or delete that cell to train it again")
 
 
 class _Clock:
