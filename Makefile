@@ -58,16 +58,16 @@ test: setup
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope tests
 
 # The label-efficiency demo (docs/study.md): scratch vs the BYOL demo encoder vs Models Genesis on the same
-# Swin-UNETR (the BYOL recipe with its objective swapped), fine-tuned on 1, 2, 4 MNI slabs x 3 seeds. The two
+# Swin-UNETR (each objective's demo recipe, 120 steps), fine-tuned on 1, 2, 4 MNI slabs x 3 seeds. The two
 # pretrainings run side by side, one thread each, and are reused (or continued) when their runs exist.
 STUDY_OUT ?= runs/study_demo
-MG_SET := --set 'objectives=[{name: models_genesis}]'
 study: setup
 	$(BIN)/sslkit data demo --out demo_data
 	{ test -f runs/demo_ct_byol/encoder.safetensors || $(BIN)/sslkit pretrain --cfg pretrain_configs/demo_ct_byol.yaml \
 	    --run-dir runs/demo_ct_byol --resume auto --no-progress --set train.threads=1; } & byol=$$!; \
-	{ test -f runs/demo_models_genesis/encoder.safetensors || $(BIN)/sslkit pretrain --cfg pretrain_configs/demo_ct_byol.yaml \
-	    $(MG_SET) --run-dir runs/demo_models_genesis --resume auto --no-progress --set train.threads=1; } & mg=$$!; \
+	{ test -f runs/demo_models_genesis/encoder.safetensors || $(BIN)/sslkit pretrain \
+	    --cfg pretrain_configs/demo_models_genesis.yaml --run-dir runs/demo_models_genesis --resume auto --no-progress \
+	    --set train.threads=1; } & mg=$$!; \
 	wait $$byol && wait $$mg
 	$(BIN)/sslkit study --cfg downstream/demo_study.yaml --scratch \
 	    --encoder byol=runs/demo_ct_byol --encoder genesis=runs/demo_models_genesis \

@@ -5,7 +5,8 @@ intensity scale and shift; written as .nii.gz into a temporary folder, never int
 the store with the recipe's preprocessing, and prints:
 
   1. store bytes / float32 .npy bytes over the corpus                                   (goal <= 0.35)
-  2. random-crop reads per second: store vs .npy memmap vs loading the NIfTI and cropping
+  2. random-crop reads per second: store vs .npy memmap vs loading the NIfTI and cropping, page-cached, and store vs
+     memmap with the files evicted from the page cache (a corpus larger than RAM)
                                                                         (goals store >= 0.8x memmap, >= 10x NIfTI)
   3. preparation time with 1 vs 2 workers on the first --prep-scans scans               (goal >= 1.7x on 2 cores)
   4. steps per second of the recipe's training step (model, objectives, optimizer; no DeepSpeed) with real data
@@ -152,8 +153,46 @@ def sizes(store: Path, npy_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ 2
 
 
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache (posix_fadvise DONTNEED: clean, unmapped pages; no root needed),
+    as for a corpus larger than RAM, where a random crop's volume is rarely cached."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def cold_crop_reads(store: Path, npy_dir: Path, picks: list, roi: list[int]) -> dict:
+    """Reads per second (best of 3 passes) of the store and of .npy memmaps opened per read, with every file of
+    the reader evicted from the page cache before each pass."""
+    from sslkit.data.store import VolumeStore
+
+    def npy_read(k, st):
+        arr = np.load(npy_dir / f"{k}.npy", mmap_mode="r")
+        return np.array(arr[(slice(None),) + tuple(slice(a, a + r) for a, r in zip(st, roi))], dtype=np.float32)
+
+    rates = {}
+    for name, files in (("store, page cache evicted", sorted(store.glob("*.b2nd"))),
+                        (".npy memmap, page cache evicted", sorted(npy_dir.glob("*.npy")))):
+        best = 0.0
+        for _ in range(3):
+            vs = VolumeStore(store)
+            read = (lambda k, st: vs.read_crop(k, st, roi)) if name.startswith("store") else npy_read
+            evict(files)
+            t = time.perf_counter()
+            for k, st in picks:
+                read(k, st)
+            best = max(best, len(picks) / (time.perf_counter() - t))
+            vs.close()
+        rates[name] = best
+    return rates
+
+
 def crop_reads(store: Path, npy_dir: Path, corpus: list[dict], roi: list[int], reads: int) -> dict:
-    """Random roi windows over random volumes: reads per second (best of 3 passes for the fast readers)."""
+    """Random roi windows over random volumes: reads per second (best of 3 passes for the fast readers), with the
+    files page-cached and, for the store and the memmap opened per read, with their pages evicted before each pass."""
     import nibabel as nib
 
     from sslkit.data.store import VolumeStore
@@ -194,6 +233,9 @@ def crop_reads(store: Path, npy_dir: Path, corpus: list[dict], roi: list[int], r
                     read(k, st)
             best = max(best, reads / (time.perf_counter() - t))
         rates[name] = best
+    vs.close()
+    mmaps.clear()  # mapped pages stay resident while mapped: close every map before evicting
+    rates.update(cold_crop_reads(store, npy_dir, picks, roi))
     n_nifti = max(3, reads // 20)
     t = time.perf_counter()
     for i in range(n_nifti):
@@ -384,6 +426,8 @@ def _run(a, work: Path) -> int:
     say(f"  store / memmap kept open {store_rate / memmap:.2f}x  [goal >= 0.8x];  store / memmap opened per read "
         f"{store_rate / rates['.npy memmap, opened per read (the old cache)']:.2f}x;  store / NIfTI "
         f"{store_rate / nifti:.0f}x  [goal >= 10x]")
+    say(f"  page cache evicted before each pass: store / memmap "
+        f"{rates['store, page cache evicted'] / rates['.npy memmap, page cache evicted']:.2f}x")
 
     sr = step_rates(recipe(datalist, store, a.overrides, num_workers=a.workers), a.timing_steps, a.rounds)
     say(f"steps per second, data loading / in memory: {sr['loaded'] / sr['memory']:.3f}  (loaded {sr['loaded']:.3f} "

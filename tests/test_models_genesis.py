@@ -218,8 +218,29 @@ def test_registry_options_and_outputs():
     with pytest.raises(ConfigError, match="rate must be in"):
         build_objective({"name": "models_genesis", "paint_rate": 1.5}, enc)
     out = obj({"image": torch.rand(2, 1, 32, 32)}, enc)
-    assert out.embeddings.shape == (2, enc.out_channels) and 0.0 <= out.logs["input_mse"]
+    assert out.embeddings is None and 0.0 <= out.logs["input_mse"]  # no projector: the probe judges the encoder
     assert {"flip", "local", "nonlinear", "inner", "outer"} <= set(out.logs)
+
+
+def test_restoration_decoder_reads_every_encoder_stage():
+    """The U-Net decoder returns the input grid and its output depends on every stage: the loss has a gradient on
+    each stage's feature map (a decoder on the deepest stage alone gives the shallow ones none)."""
+    from sslkit.objectives.recon import SkipDecoder
+
+    for dims, size in ((3, (32, 32, 32)), (2, (64, 48))):
+        enc = tiny_swin(dims)
+        obj = build_objective({"name": "models_genesis"}, enc)
+        assert isinstance(obj.decoder, SkipDecoder)
+        feats = [f.detach().requires_grad_() for f in enc(torch.rand(2, 1, *size))]
+        rec = obj.decoder(feats, size)
+        assert rec.shape == (2, 1, *size)
+        rec.square().mean().backward()
+        assert all(float(f.grad.abs().sum()) > 0 for f in feats), [float(f.grad.abs().sum()) for f in feats]
+    # stages on one grid (a ViT: equal strides) and a crop that is not a multiple of the stride
+    dec = SkipDecoder(3, [8, 8, 8], [4, 4, 4], 1)
+    assert dec([torch.randn(1, 8, 3, 3, 3) for _ in range(3)], (10, 11, 12)).shape == (1, 1, 10, 11, 12)
+    with pytest.raises(ValueError, match="divide"):
+        SkipDecoder(3, [8, 8], [4, 6], 1)
 
 
 # ------------------------------------------------------------------------------------------ real scan

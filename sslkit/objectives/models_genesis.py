@@ -1,5 +1,5 @@
 """Models Genesis (Zhou et al., MICCAI 2019 / MedIA 2021, arXiv 2004.07882): restore the original crop from a
-transformed one; loss = MSE(decoder(encoder(T(x))[-1]), flip(x)).
+transformed one; loss = MSE(decoder(encoder(T(x))), flip(x)), the decoder a U-Net over every encoder stage.
 
 The transformations, their order and rates follow the authors' code (`MrGiovanni/ModelsGenesis`,
 pytorch/utils.py `generate_pair` and pytorch/config.py); per sample, on a crop x in [0, 1]:
@@ -22,7 +22,8 @@ Authors' pre-training (pytorch/config.py, infinite_generator_3D.py): LUNA16 ches
 HU clipped -1000..1000 -> [0, 1], 64 x 64 x 32 crops (32 per scan, 100 voxels in from the X/Y borders and 30
 from the Z ends, mostly lung), batch 6, SGD lr 1 momentum 0.9 no weight decay, StepLR x0.5 every 40 epochs,
 early stop after 50 epochs without validation gain; a 3-D U-Net with a sigmoid output.
-Restoration here: the transposed-conv decoder of `recon.py` on the deepest stage (sigmoid output by default).
+Restoration here: `recon.SkipDecoder`, a U-Net decoder over all the encoder's stages (sigmoid output by default),
+as the authors' U-Net; pretrain_configs/demo_models_genesis.yaml gives what the optimizer settings do to the encoder.
 
     obj = ModelsGenesis(encoder)
     out = obj({"image": x}, encoder)   # x (B, C, *roi) in [0, 1]
@@ -37,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sslkit.objectives.base import ForwardContext, Objective, ObjectiveOutput, pooled
-from sslkit.objectives.recon import UpsampleDecoder, stage_stride
+from sslkit.objectives.base import ForwardContext, Objective, ObjectiveOutput
+from sslkit.objectives.recon import SkipDecoder, stage_stride
 from sslkit.objectives.registry import register_objective
 
 OUTPUTS = ("sigmoid", "linear")
@@ -306,14 +307,16 @@ def genesis_transform(x: torch.Tensor, rates: GenesisRates = GenesisRates(), n_b
 @register_objective("models_genesis")
 class ModelsGenesis(Objective):
     """Restore flip(x) from its Models Genesis transformation of batch[key] (B, C, *roi) in [0, 1]:
-    loss = mean (decoder(encoder(T(x))[-1]) - flip(x))^2.
+    loss = mean (decoder(encoder(T(x))) - flip(x))^2.
 
     Options: nonlinear_rate (0.9), local_rate (0.5), paint_rate (0.9), inner_rate (0.2 of painted; the authors'
     1 - outpaint_rate), flip_rate (0.4), shuffle_blocks (10000), output (sigmoid | linear), key ("image"),
     min_channels (16, decoder channel floor).
     Logs: input_mse (MSE of the transformed input itself: the identity's loss), and the share of the batch that
     got each transformation (flip, local, nonlinear, inner, outer).
-    Embeddings for the monitor: pooled deepest features of the transformed input (B, C_deep).
+    No embeddings for the monitor's bank: like the other restoration objectives it has no projector, and the bank
+    statistics read the shared mean direction of raw pooled features as collapse (mean cosine > 0.95 from step 1).
+    The monitor's probe judges the encoder instead (sslkit/monitor/probe_stats.py).
     """
 
     def __init__(self, encoder: nn.Module, nonlinear_rate: float = 0.9, local_rate: float = 0.5,
@@ -328,8 +331,9 @@ class ModelsGenesis(Objective):
         self.shuffle_blocks = int(shuffle_blocks)
         self.output = output
         self.key = key
-        self.decoder = UpsampleDecoder(encoder.spatial_dims, encoder.out_channels, encoder.in_channels,
-                                       stage_stride(encoder, -1), min_channels)
+        stages = len(encoder.feature_channels)
+        self.decoder = SkipDecoder(encoder.spatial_dims, list(encoder.feature_channels),
+                                   [stage_stride(encoder, i) for i in range(stages)], encoder.in_channels, min_channels)
 
     def forward(self, batch: dict, encoder: nn.Module, ctx: ForwardContext | None = None) -> ObjectiveOutput:
         ctx = ctx or ForwardContext(batch, encoder)
@@ -338,8 +342,8 @@ class ModelsGenesis(Objective):
         x = batch[self.key]
         v = ctx.view("models_genesis", lambda b: dict(zip(
             ("input", "target", "flags"), genesis_transform(x, self.rates, self.shuffle_blocks))))
-        deep = ctx.features("models_genesis:input", v["input"])[-1]  # (B, C_deep, *S/stride)
-        rec = self.decoder(deep, tuple(x.shape[2:]))  # (B, C_in, *S)
+        feats = ctx.features("models_genesis:input", v["input"])  # [(B, C_i, *S/stride_i)] shallow -> deep
+        rec = self.decoder(feats, tuple(x.shape[2:]))  # (B, C_in, *S)
         if self.output == "sigmoid":
             rec = torch.sigmoid(rec)
         target = v["target"].float()
@@ -348,4 +352,4 @@ class ModelsGenesis(Objective):
         logs = {"input_mse": float(F.mse_loss(v["input"].float(), target)),
                 **{k: float(f[k].float().mean()) for k in ("flip", "local", "nonlinear", "inner")},
                 "outer": float((f["paint"] & ~f["inner"]).float().mean())}
-        return ObjectiveOutput(loss, logs, embeddings=pooled(deep).detach().float())
+        return ObjectiveOutput(loss, logs)

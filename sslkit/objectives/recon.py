@@ -1,4 +1,5 @@
-"""Reconstruction decoders for inpainting (Swin-UNETR) and SimMIM, and the 2D/3D pixel (voxel) shuffle."""
+"""Reconstruction decoders for inpainting (Swin-UNETR), Models Genesis (U-Net) and SimMIM, and the 2D/3D pixel
+(voxel) shuffle."""
 
 from __future__ import annotations
 
@@ -75,6 +76,52 @@ class UpsampleDecoder(nn.Module):
             y = F.interpolate(y, size=size, mode="trilinear" if self.spatial_dims == 3 else "bilinear",
                               align_corners=False)
         return y
+
+
+class SkipDecoder(nn.Module):
+    """U-Net decoder over every encoder stage (the restoration network of Models Genesis is a 3-D U-Net).
+
+    From the deepest stage up: a ConvTranspose(k=r, s=r) to the next shallower stage's grid (r = its stride ratio;
+    r = 1 for stages on one grid, as in a ViT) and channels, concatenation with that stage, then Conv(3) ->
+    InstanceNorm -> LeakyReLU; the shallowest fused map goes through `UpsampleDecoder` back to the input grid.
+    Maps whose size is not an exact multiple are resized to the skip's grid (crops not a multiple of the stride).
+    channels / strides: per stage, shallow -> deep (the encoder's feature_channels and stage strides).
+    [(B, channels[i], *S / strides[i]) for i] -> (B, out_channels, *S)
+        dec = SkipDecoder(3, [12, 24, 48, 96, 192], [2, 4, 8, 16, 32], 1)
+    """
+
+    def __init__(self, spatial_dims: int, channels: list[int], strides: list[int], out_channels: int,
+                 min_channels: int = 16):
+        super().__init__()
+        if len(channels) != len(strides) or not channels:
+            raise ValueError(f"one stride per stage: {len(channels)} channel counts, {len(strides)} strides")
+        norm = nn.InstanceNorm3d if spatial_dims == 3 else nn.InstanceNorm2d
+        widths = [max(min_channels, c) for c in channels]
+        self.ups, self.fuse = nn.ModuleList(), nn.ModuleList()
+        for i in range(len(channels) - 1, 0, -1):
+            ratio, rest = divmod(strides[i], strides[i - 1])
+            if rest or ratio < 1:
+                raise ValueError(f"stage strides must each divide the next, got {strides}")
+            src = channels[i] if i == len(channels) - 1 else widths[i]
+            self.ups.append(_conv(spatial_dims, True)(src, widths[i - 1], kernel_size=ratio, stride=ratio))
+            self.fuse.append(nn.Sequential(
+                _conv(spatial_dims)(widths[i - 1] + channels[i - 1], widths[i - 1], kernel_size=3, padding=1),
+                norm(widths[i - 1], affine=True), nn.LeakyReLU(0.01, inplace=True)))
+        top = channels[-1] if len(channels) == 1 else widths[0]
+        self.head = UpsampleDecoder(spatial_dims, top, out_channels, strides[0], min_channels)
+        self.spatial_dims = spatial_dims
+
+    def _resize(self, y: torch.Tensor, size) -> torch.Tensor:
+        if tuple(y.shape[2:]) == tuple(size):
+            return y
+        return F.interpolate(y, size=tuple(size), mode="trilinear" if self.spatial_dims == 3 else "bilinear",
+                             align_corners=False)
+
+    def forward(self, features: list[torch.Tensor], size: tuple[int, ...] | None = None) -> torch.Tensor:
+        y = features[-1]
+        for up, fuse, skip in zip(self.ups, self.fuse, reversed(features[:-1])):
+            y = fuse(torch.cat([self._resize(up(y), skip.shape[2:]), skip], 1))
+        return self.head(y, size)
 
 
 class ShuffleDecoder(nn.Module):
