@@ -24,13 +24,11 @@ Dtype modes (`write(..., dtype=)`; reads always return float32):
 Partition (`choose_partition`): a random crop decompresses only the blosc2 blocks it intersects (C-Blosc2 masks
 the others out of each chunk it reads), so blocks are sized to the crop and to a core's L1 cache, as in
 nnU-Net v2 / nnssl's `comp_blosc2_params`, and chunks to about one crop:
-    blocks: every spatial edge starts at the largest power of two ≤ crop/4, but at least MIN_BLOCK_EDGE (16)
-            (≤ the array's extent), all channels in one block; while C·Πblock·itemsize > BLOCK_BYTES (32 KiB, an
-            L1d cache), halve the edge with the largest edge/crop ratio (first such axis). A window of r voxels
-            then decodes about r + b − 1 voxels per axis (≈ 1.23 r for b = r/4): ≈ 1.9× the crop in 3-D, instead
-            of the ≈ 8× of decoding whole crop-sized chunks. The floor of 16: blosc2 pays a fixed cost per block
-            it touches, so smaller blocks lose more than they save (demo head CT, float16, 1 core: 48³ crops read
-            1.7× faster from 16³ blocks than from 8³ blocks, 32³ crops 1.5×, and the file is 12 % smaller).
+    blocks: every spatial edge starts at the largest power of two ≤ crop/4 (≥ 1, ≤ the array's extent), all
+            channels in one block; while C·Πblock·itemsize > BLOCK_BYTES (32 KiB, an L1d cache), halve the edge
+            with the largest edge/crop ratio (first such axis). A window of r voxels then decodes about
+            r + b − 1 voxels per axis (≈ 1.23 r for b = r/4): ≈ 1.9× the crop in 3-D, instead of the ≈ 8× of
+            decoding whole crop-sized chunks.
     chunks: the crop rounded up to whole blocks (≤ the extent); while C·Πchunk·itemsize > CHUNK_BYTES (1 MiB,
             an L2 cache), halve the edge with the largest chunk/block ratio (first such axis; whole blocks).
 The cache sizes are constants, not probed, so two machines preparing halves of a corpus write identical files.
@@ -40,9 +38,13 @@ this also makes files byte-identical whatever `blosc2.set_nthreads` says). Measu
 (256×256×108, window [-175, 250] HU → [0, 1], 1 core, random 64³ crops): LZ4HC decodes as fast as LZ4 (its
 output is LZ4's format with longer matches) and is 7–16 % smaller; ZSTD level 1 is ~25 % smaller still but
 decodes 3–4× slower; BLOSCLZ is larger and no faster; bit-shuffle is larger and slower. Sizes / float32:
-0.24 (float32), 0.11 (float16), 0.15 (int16). Speed: decoding runs at ~1–2 GB/s per core, so crops from a
-page-cached float32 `.npy` memmap (a plain copy) are ~4× faster; when the scan is not in the page cache (a corpus
-larger than RAM) the store reads crops 2–6× faster than the memmap, as it reads 4–9× fewer bytes.
+0.24 (float32), 0.11 (float16), 0.15 (int16). Speed: decoding runs at ~1–2 GB/s per core and blosc2
+pays a fixed cost per block, so crops from a page-cached float32 `.npy` memmap (a plain copy) are faster:
+`benchmarks/data_pipeline.py` (500 synthetic scans, 48³ crops, 1 core) reads 0.12× as many crops per second from
+the store as from memmaps kept open, 0.64× as from memmaps opened per read, and 0.25× with both files evicted from
+the guest's page cache before each pass (this VM's disk is itself cached by its host, so reading 5× fewer bytes
+did not pay there; on storage slower than decoding it would). What the store buys is size (0.19× the float32
+bytes) and training steps that do not wait for data (0.94× the in-memory step rate on 2 shared cores).
 
 Reading: arrays are opened lazily, memory-mapped (`mmap_mode="r"`), with one blosc2 thread, and cached per process
 (the cache is dropped when `os.getpid()` changes, so DataLoader workers forked after a read reopen their own). At most
@@ -74,7 +76,6 @@ INDEX_NAME = "store.json"
 DTYPES = ("float32", "float16", "int16")
 DEFAULT_CROP = 64
 BLOCK_BYTES = 32 * 1024       # an L1d cache: blosc decodes and unshuffles one block at a time
-MIN_BLOCK_EDGE = 16           # smaller blocks cost more per touched block than they save in decoded voxels
 CHUNK_BYTES = 1024 * 1024     # an L2 cache: the buffer one chunk is decoded into
 CODEC, CLEVEL, FILTER = "LZ4HC", 5, "SHUFFLE"
 _INT16_STEPS = 65534          # q in [-32767, 32767]
@@ -116,7 +117,7 @@ def choose_partition(shape: Sequence[int], itemsize: int, crop_size=None) -> tup
     channels, extent = shape[0], shape[1:]
     crop = _crop_sizes(crop_size, len(extent))
     ones = [1] * len(extent)
-    blocks = [min(e, max(MIN_BLOCK_EDGE, 2 ** int(math.floor(math.log2(max(1, c // 4)))))) for e, c in zip(extent, crop)]
+    blocks = [min(e, 2 ** int(math.floor(math.log2(max(1, c // 4))))) for e, c in zip(extent, crop)]
     blocks = _halve_until(blocks, BLOCK_BYTES, channels * itemsize, crop, ones, ones)
     chunks = [min(e, b * math.ceil(c / b)) for e, b, c in zip(extent, blocks, crop)]
     chunks = _halve_until(chunks, CHUNK_BYTES, channels * itemsize, blocks, blocks, blocks)
