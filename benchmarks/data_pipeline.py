@@ -153,6 +153,11 @@ def sizes(store: Path, npy_dir: Path) -> dict:
 # ------------------------------------------------------------------------------------------------ 2
 
 
+def window(arr, starts: list[int], roi: list[int]) -> np.ndarray:
+    """float32 copy of the roi window of a (C, *spatial) array at `starts`."""
+    return np.array(arr[(slice(None),) + tuple(slice(a, a + r) for a, r in zip(starts, roi))], dtype=np.float32)
+
+
 def evict(files: list[Path]) -> None:
     """Drop the files' pages from the page cache (posix_fadvise DONTNEED: clean, unmapped pages; no root needed),
     as for a corpus larger than RAM, where a random crop's volume is rarely cached."""
@@ -170,8 +175,7 @@ def cold_crop_reads(store: Path, npy_dir: Path, picks: list, roi: list[int]) -> 
     from sslkit.data.store import VolumeStore
 
     def npy_read(k, st):
-        arr = np.load(npy_dir / f"{k}.npy", mmap_mode="r")
-        return np.array(arr[(slice(None),) + tuple(slice(a, a + r) for a, r in zip(st, roi))], dtype=np.float32)
+        return window(np.load(npy_dir / f"{k}.npy", mmap_mode="r"), st, roi)
 
     rates = {}
     for name, files in (("store, page cache evicted", sorted(store.glob("*.b2nd"))),
@@ -210,15 +214,12 @@ def crop_reads(store: Path, npy_dir: Path, corpus: list[dict], roi: list[int], r
     aligned = [(k, [s - s % b for s, b in zip(st, blocks[k])]) for k, st in picks]
     mmaps = {k: np.load(npy_dir / f"{k}.npy", mmap_mode="r") for k in keys}
 
-    def window(arr, st):
-        return np.array(arr[(slice(None),) + tuple(slice(a, a + r) for a, r in zip(st, roi))], dtype=np.float32)
-
     readers = {
         "store (float16, blosc2)": lambda k, st: vs.read_crop(k, st, roi),
         "store, block-aligned windows": None,
         ".npy memmap, opened per read (the old cache)": lambda k, st: window(np.load(npy_dir / f"{k}.npy",
-                                                                                     mmap_mode="r"), st),
-        ".npy memmap, kept open": lambda k, st: window(mmaps[k], st),
+                                                                                     mmap_mode="r"), st, roi),
+        ".npy memmap, kept open": lambda k, st: window(mmaps[k], st, roi),
     }
     rates = {}
     for name, read in readers.items():

@@ -18,7 +18,6 @@ from conftest import (REPO, ckpt_tensors, free_port, job_env, max_abs_diff, run_
 SGD = {"name": "sgd", "lr": 0.05, "betas": [0.9, 0.999]}
 
 
-
 @pytest.fixture(scope="module")
 def reference_run(demo_dir, scan_cache, tmp_path_factory):
     """One process, micro-batch 2, 4 steps, through the CLI (the way a user runs it)."""

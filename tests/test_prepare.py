@@ -343,7 +343,6 @@ def test_waiting_for_parts_names_the_missing_ranks(tmp_path):
         wait_for_parts(tmp_path / "m", 3, timeout_s=60, poll_s=0.05)
 
 
-
 @pytest.mark.slow
 def test_two_ranks_prepare_a_fresh_store_under_torchrun(demo_dir, corpus, tmp_path):
     raw = tiny_raw(demo_dir, tmp_path / "store", train={"micro_batch_size": 1, "max_steps": 2, "ckpt_every": 0})

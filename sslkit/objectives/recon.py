@@ -36,6 +36,13 @@ def stage_stride(encoder: nn.Module, stage: int = -1) -> int:
     return int(strides[stage])
 
 
+def resize_to(y: torch.Tensor, size) -> torch.Tensor:
+    """y (B, C, *S) resized (bilinear in 2-D, trilinear in 3-D) to `size`; y itself when it already has it."""
+    if tuple(y.shape[2:]) == tuple(size):
+        return y
+    return F.interpolate(y, size=tuple(size), mode="trilinear" if y.dim() == 5 else "bilinear", align_corners=False)
+
+
 def _conv(spatial_dims: int, transposed: bool = False):
     if transposed:
         return nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
@@ -68,14 +75,10 @@ class UpsampleDecoder(nn.Module):
             ch = nxt
         layers.append(_conv(spatial_dims)(ch, out_channels, kernel_size=1))
         self.net = nn.Sequential(*layers)
-        self.spatial_dims = spatial_dims
 
     def forward(self, feature: torch.Tensor, size: tuple[int, ...] | None = None) -> torch.Tensor:
         y = self.net(feature)
-        if size is not None and tuple(y.shape[2:]) != tuple(size):
-            y = F.interpolate(y, size=size, mode="trilinear" if self.spatial_dims == 3 else "bilinear",
-                              align_corners=False)
-        return y
+        return y if size is None else resize_to(y, size)
 
 
 class SkipDecoder(nn.Module):
@@ -109,18 +112,11 @@ class SkipDecoder(nn.Module):
                 norm(widths[i - 1], affine=True), nn.LeakyReLU(0.01, inplace=True)))
         top = channels[-1] if len(channels) == 1 else widths[0]
         self.head = UpsampleDecoder(spatial_dims, top, out_channels, strides[0], min_channels)
-        self.spatial_dims = spatial_dims
-
-    def _resize(self, y: torch.Tensor, size) -> torch.Tensor:
-        if tuple(y.shape[2:]) == tuple(size):
-            return y
-        return F.interpolate(y, size=tuple(size), mode="trilinear" if self.spatial_dims == 3 else "bilinear",
-                             align_corners=False)
 
     def forward(self, features: list[torch.Tensor], size: tuple[int, ...] | None = None) -> torch.Tensor:
         y = features[-1]
         for up, fuse, skip in zip(self.ups, self.fuse, reversed(features[:-1])):
-            y = fuse(torch.cat([self._resize(up(y), skip.shape[2:]), skip], 1))
+            y = fuse(torch.cat([resize_to(up(y), skip.shape[2:]), skip], 1))
         return self.head(y, size)
 
 
