@@ -13,7 +13,7 @@ the store with the recipe's preprocessing, and prints:
      loading (DataLoader over the store, strong views) vs the same steps on batches already in memory
                                                                                          (goal >= 0.95)
   5. resident memory of a `sslkit pretrain` run over the corpus (the process and its DataLoader workers) at steps
-     10 and --steps                                                                      (goal: growth < 10 %)
+     10-19 and up to --steps, medians of one sample per step                             (goal: growth < 10 %)
 
     .venv/bin/python benchmarks/data_pipeline.py                       # 500 scans, 200 steps (~30 min on 2 cores)
     .venv/bin/python benchmarks/data_pipeline.py --scans 6 --steps 4 --reads 20 --prep-scans 4 --timing-steps 1 \
@@ -313,23 +313,36 @@ def _tree(pid: int) -> list[int]:
 
 
 def _memory(pid: int) -> dict:
-    """Summed RSS and PSS (kB) of a process and its descendants (PSS splits shared pages among their users)."""
-    rss = pss = n = 0
+    """RSS and PSS (MB; PSS splits shared pages among their users) of a process ("main") and of its descendants
+    ("workers": the DataLoader workers)."""
+    out = {"main_rss": 0.0, "main_pss": 0.0, "workers_rss": 0.0, "workers_pss": 0.0, "processes": 0}
     for p in _tree(pid):
         try:
             fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()[1:])
         except OSError:
             continue
-        rss += int(fields["Rss"].split()[0])
-        pss += int(fields["Pss"].split()[0])
-        n += 1
-    return {"rss_mb": rss / 1024, "pss_mb": pss / 1024, "processes": n}
+        who = "main" if p == pid else "workers"
+        out[f"{who}_rss"] += int(fields["Rss"].split()[0]) / 1024
+        out[f"{who}_pss"] += int(fields["Pss"].split()[0]) / 1024
+        out["processes"] += 1
+    out["rss_mb"], out["pss_mb"] = out["main_rss"] + out["workers_rss"], out["main_pss"] + out["workers_pss"]
+    return out
 
 
-def memory_run(datalist: Path, store: Path, run_dir: Path, steps: int, workers: int, extra: list[str]) -> dict:
-    """`sslkit pretrain` over the store; memory sampled when metrics.jsonl first reaches step 10 (or steps // 2) and
-    step `steps` (the run goes 5 steps further, so the process is still training then)."""
+def _median_sample(samples: list[dict]) -> dict:
+    """Per-field medians of memory samples (a training step's transient buffers come and go: one sample of the
+    main process moves by ~10 %)."""
+    return {k: float(np.median([s[k] for s in samples])) for k in samples[0]}
+
+
+def memory_run(datalist: Path, store: Path, run_dir: Path, steps: int, workers: int, extra: list[str],
+               window: int = 10) -> dict:
+    """`sslkit pretrain` over the store; memory sampled once per new step (as metrics.jsonl shows it) over the
+    `window` steps from step 10 (or steps // 2) and over the `window` steps up to `steps`, reported as medians (the
+    run goes 5 steps further, so the process is still training then)."""
     early = min(10, max(1, steps // 2))
+    late = max(early + 1, steps - window + 1)
+    windows = {"early": (early, min(early + window, late)), "late": (late, steps + 1)}  # [first, stop) steps
     sets = recipe_sets(datalist, store, extra) + [f"train.max_steps={steps + 5}", f"train.num_workers={workers}",
                                                   "train.ckpt_every=0"]
     cmd = [sys.executable, "-m", "sslkit", "pretrain", "--cfg", str(RECIPE), "--run-dir", str(run_dir),
@@ -338,27 +351,29 @@ def memory_run(datalist: Path, store: Path, run_dir: Path, steps: int, workers: 
     run_dir.mkdir(parents=True, exist_ok=True)
     log = open(run_dir.parent / "rss_run.log", "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    samples: dict[int, dict] = {}
+    samples: dict[str, dict[int, dict]] = {"early": {}, "late": {}}
     metrics = run_dir / "metrics.jsonl"
     try:
-        while proc.poll() is None and len(samples) < 2:
-            step = 0
-            if metrics.exists():
-                lines = metrics.read_text().splitlines()
-                step = json.loads(lines[-1])["step"] if lines else 0
-            for target in (early, steps):
-                if step >= target and target not in samples:
-                    samples[target] = {**_memory(proc.pid), "at_step": step}
-            time.sleep(0.2)
+        while proc.poll() is None:
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            step = json.loads(lines[-1])["step"] if lines else 0
+            for name, (first, stop) in windows.items():  # a window the polling skipped gets its next step
+                if first <= step and (step < stop or not samples[name]) and step not in samples[name]:
+                    samples[name][step] = _memory(proc.pid)
+            if step >= steps and samples["late"]:
+                break
+            time.sleep(0.1)
         proc.wait(timeout=3600)
     finally:
         if proc.poll() is None:
             proc.kill()
         log.close()
-    if proc.returncode != 0 or len(samples) < 2:
+    if proc.returncode != 0 or not all(samples.values()):
         tail = (run_dir.parent / "rss_run.log").read_text()[-2000:]
         raise SystemExit(f"the memory run failed (exit {proc.returncode}): {tail}")
-    return {"early": samples[early], "late": samples[steps], "workers": workers}
+    out = {name: {**_median_sample(list(s.values())), "steps": f"{min(s)}-{max(s)}", "samples": len(s)}
+           for name, s in samples.items()}
+    return {**out, "workers": workers}
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -439,12 +454,16 @@ def _run(a, work: Path) -> int:
         else a.memory_overrides
     mem = memory_run(datalist, store, work / "rss_run", a.steps, a.memory_workers, a.overrides + light)
     e, late = mem["early"], mem["late"]
+
+    def growth(key: str) -> str:
+        return f"{100 * (late[key] / e[key] - 1):+.1f} %"
+
     say(f"resident memory (sslkit pretrain, {' '.join(light) or 'the recipe'}, strong views, {mem['workers']} "
-        f"DataLoader worker(s), {e['processes']} processes): "
-        f"step {e['at_step']} RSS {e['rss_mb']:.0f} MB / PSS {e['pss_mb']:.0f} MB; step {late['at_step']} RSS "
-        f"{late['rss_mb']:.0f} MB / PSS {late['pss_mb']:.0f} MB; growth RSS "
-        f"{100 * (late['rss_mb'] / e['rss_mb'] - 1):+.1f} %, PSS {100 * (late['pss_mb'] / e['pss_mb'] - 1):+.1f} %  "
-        f"[goal < 10 %]")
+        f"DataLoader worker(s), {int(e['processes'])} processes; medians of one sample per step): steps {e['steps']} "
+        f"RSS {e['rss_mb']:.0f} MB / PSS {e['pss_mb']:.0f} MB; steps {late['steps']} RSS {late['rss_mb']:.0f} MB / "
+        f"PSS {late['pss_mb']:.0f} MB; growth RSS {growth('rss_mb')}, PSS {growth('pss_mb')}  [goal < 10 %]; "
+        f"workers alone: RSS {e['workers_rss']:.0f} -> {late['workers_rss']:.0f} MB ({growth('workers_rss')}), "
+        f"main process RSS {e['main_rss']:.0f} -> {late['main_rss']:.0f} MB ({growth('main_rss')})")
     say(f"total {time.time() - t_start:.0f} s; {load_avg()}")
     return 0
 

@@ -549,10 +549,12 @@ class VolumeStore:
         out_shape = (shape[0], *sizes)
         if any(h <= l for l, h in zip(lo, hi)):
             return np.zeros(out_shape, dtype)
-        try:
-            part = convert(array[(slice(None),) + tuple(slice(l, h) for l, h in zip(lo, hi))])
+        part = np.empty((shape[0], *[h - l for l, h in zip(lo, hi)]), array.dtype)
+        try:  # straight into `part`: NDArray.__getitem__'s key parsing costs ~40 us a call
+            array.get_slice_numpy(part, ((0, *lo), (shape[0], *hi)))
         except RuntimeError as e:  # blosc2 could not decode a block
             raise DataError(f"{path}: corrupt data in [{lo}, {hi}) ({e})") from e
+        part = convert(part)
         if part.shape == out_shape:
             return part
         out = np.zeros(out_shape, dtype)

@@ -263,203 +263,267 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
     ok = False
     try:
         with R.StopSignals() as stop:
-            result = _train(cfg, run, device, progress, stop, recipe)
+            result = _Training(cfg, run, device, progress, stop, recipe).run()
         ok = True
         return result
     finally:
         run.close(ok)
 
 
-def _train(cfg: Config, run: R.RunDir, device: torch.device, progress: bool, stop: R.StopSignals,
-           recipe) -> RunResult:
-    import deepspeed
+@dataclass
+class _Counters:
+    """Where the loop stands; all but `skipped_in_a_row` travel in every checkpoint's trainer state."""
+    step: int = 0
+    micro_step: int = 0
+    elapsed: float = 0.0
+    healthy: str | None = None     # the last checkpoint saved while the monitor raised no alarm
+    skipped: int = 0               # optimizer steps dropped for a non-finite loss / gradient
+    skipped_in_a_row: int = 0
 
-    from sslkit.monitor.monitor import Monitor
-    from sslkit.monitor.trackers import Trackers
-    from sslkit.plan import recipe_record
 
-    run_dir, t = run.root, cfg.train
-    rank, world = D.rank(), D.world_size()
-    dataset = make_dataset(cfg, run_dir, progress)
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = build_model(cfg)
-    if cfg.model.init_from and run.resume_from is None:
-        from sslkit.models.weights import load_pretrained
+class _StepSums:
+    """Loss and logs summed over the micro-batches of one optimizer step."""
 
-        desc = load_pretrained(model.encoder, cfg.model.init_from)
-        if rank == 0:
-            print(f"encoder weights: {desc}", flush=True)
-    optimizer = make_optimizer(cfg, model)
-    sched = make_scheduler(optimizer, cfg.optim, t.max_steps)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=sched,
-                                           config=deepspeed_config(cfg))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
-    objectives = model.objectives
-    for teacher in objectives.teachers().values():
-        teacher.to(device)
-        teacher.gather = D.zero3_gather
-    _seed_generators(objectives, t.seed, rank)
-    generators = objectives.generators()
+    def __init__(self):
+        self.loss, self.logs, self.n = 0.0, {}, 0
 
-    monitor = Monitor(cfg.monitor, run_dir if rank == 0 else None)  # rank 0 decides and logs alarms
-    step, micro_step, elapsed, healthy_ckpt, skipped = 0, 0, 0.0, None, 0
-    torch.manual_seed(t.seed * 7919 + rank)  # run-time randomness (objective masks, rotations) per rank
-    if run.resume_from is not None:
-        state = C.read_checkpoint(run.resume_from, engine)
-        objectives.load_teacher_state(state["teacher"])
+    def add(self, loss: float, logs: dict) -> None:
+        self.loss += loss
+        for k, v in logs.items():
+            self.logs[k] = self.logs.get(k, 0.0) + v
+        self.n += 1
+
+    def means(self) -> dict:
+        return {"loss": self.loss / self.n, **{k: v / self.n for k, v in self.logs.items()}}
+
+
+class _Training:
+    """One pretraining run in a process: built (and resumed) by the constructor, driven by `run()`."""
+
+    def __init__(self, cfg: Config, run: R.RunDir, device: torch.device, progress: bool, stop: R.StopSignals,
+                 recipe):
+        import deepspeed
+
+        from sslkit.monitor.monitor import Monitor
+
+        self.cfg, self.rundir, self.device, self.stop, self.recipe = cfg, run, device, stop, recipe
+        self.run_dir, t = run.root, cfg.train
+        self.rank, self.world = D.rank(), D.world_size()
+        self.dataset = make_dataset(cfg, self.run_dir, progress)
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.model = model = build_model(cfg)
+        if cfg.model.init_from and run.resume_from is None:
+            from sslkit.models.weights import load_pretrained
+
+            desc = load_pretrained(model.encoder, cfg.model.init_from)
+            if self.rank == 0:
+                print(f"encoder weights: {desc}", flush=True)
+        optimizer = make_optimizer(cfg, model)
+        self.sched = make_scheduler(optimizer, cfg.optim, t.max_steps)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.sched,
+                                                    config=deepspeed_config(cfg))
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
+        self.objectives = model.objectives
+        for teacher in self.objectives.teachers().values():
+            teacher.to(device)
+            teacher.gather = D.zero3_gather
+        _seed_generators(self.objectives, t.seed, self.rank)
+        self.generators = self.objectives.generators()
+        self.monitor = Monitor(cfg.monitor, self.run_dir if self.rank == 0 else None)  # rank 0 decides and logs
+        self.n = _Counters()
+        torch.manual_seed(t.seed * 7919 + self.rank)  # run-time randomness (objective masks, rotations) per rank
+        if run.resume_from is not None:
+            self._resume(C.read_checkpoint(run.resume_from, self.engine))
+        self.sampler = EpochSampler(len(self.dataset), t.micro_batch_size, t.seed, self.rank, self.world,
+                                    start_micro_step=self.n.micro_step)
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=t.micro_batch_size, sampler=self.sampler,
+                                                  num_workers=t.num_workers, drop_last=True,
+                                                  pin_memory=device.type == "cuda")
+        self._open_outputs(progress)
+        self.probe_crops = self.dataset.probe_crops(cfg.monitor.probe_crops) if cfg.monitor.probe_every else None
+        self._plan = None
+        self.sums = _StepSums()
+        self.snapshot, self.local_norm, self.last = None, None, {}
+        self.stopped, self.stop_signal, self.nonfinite_stop = False, None, None
+
+    def _resume(self, state: dict) -> None:
+        self.objectives.load_teacher_state(state["teacher"])
         C.set_rng_state(state["rank_tensors"], state["rank_plain"]["rng"])
-        for name, gen in generators.items():
+        for name, gen in self.generators.items():
             gen.set_state(state["rank_tensors"][f"gen.{name}"])
-        monitor.load_state_dict(_monitor_state_from(state))
+        self.monitor.load_state_dict(_monitor_state_from(state))
         tr = state["trainer"]
-        step, micro_step, elapsed, healthy_ckpt = tr["step"], tr["micro_step"], tr["elapsed"], tr.get("healthy")
-        skipped = tr.get("skipped_steps", 0)
-        if rank == 0:
-            print(f"resumed from {run.resume_from} at step {step}", flush=True)
+        self.n = _Counters(tr["step"], tr["micro_step"], tr["elapsed"], tr.get("healthy"), tr.get("skipped_steps", 0))
+        if self.rank == 0:
+            print(f"resumed from {self.rundir.resume_from} at step {self.n.step}", flush=True)
 
-    sampler = EpochSampler(len(dataset), t.micro_batch_size, t.seed, rank, world, start_micro_step=micro_step)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=t.micro_batch_size, sampler=sampler,
-                                         num_workers=t.num_workers, drop_last=True,
-                                         pin_memory=device.type == "cuda")
-    metrics_out = R.JsonlWriter(run_dir / "metrics.jsonl") if rank == 0 else None
-    trackers = Trackers.open(cfg.logging, run_dir, run_dir.name, cfg.to_dict(),
-                             resume_step=step if run.resume_from is not None else None) if rank == 0 else None
-    bar = _progress_bar(t.max_steps, step) if (rank == 0 and progress) else None
-    probe_crops = dataset.probe_crops(cfg.monitor.probe_crops) if cfg.monitor.probe_every else None
-    plan_cache: dict = {}
+    def _open_outputs(self, progress: bool) -> None:
+        """metrics.jsonl, the trackers and the progress bar: rank 0 only."""
+        from sslkit.monitor.trackers import Trackers
 
-    def plan() -> dict:
-        if "plan" not in plan_cache:
+        self.metrics_out = self.trackers = self.bar = None
+        if self.rank != 0:
+            return
+        self.metrics_out = R.JsonlWriter(self.run_dir / "metrics.jsonl")
+        resumed = self.rundir.resume_from is not None
+        self.trackers = Trackers.open(self.cfg.logging, self.run_dir, self.run_dir.name, self.cfg.to_dict(),
+                                      resume_step=self.n.step if resumed else None)
+        self.bar = _progress_bar(self.cfg.train.max_steps, self.n.step) if progress else None
+
+    def plan(self) -> dict:
+        if self._plan is None:
             from sslkit.models.base import measure_feature_strides
+            from sslkit.plan import recipe_record
 
-            partitioned = any(hasattr(p, "ds_id") for p in model.encoder.parameters())
-            encoder = build_model(cfg).encoder if partitioned else model.encoder  # ZeRO-3: a CPU copy for shapes
-            strides = measure_feature_strides(encoder, list(cfg.data.roi))
-            plan_cache["plan"] = pretraining_plan(cfg, recipe_record(recipe), dataset.corpus_summary(), strides)
-        return plan_cache["plan"]
+            partitioned = any(hasattr(p, "ds_id") for p in self.model.encoder.parameters())
+            encoder = build_model(self.cfg).encoder if partitioned else self.model.encoder  # ZeRO-3: a CPU copy
+            strides = measure_feature_strides(encoder, list(self.cfg.data.roi))
+            self._plan = pretraining_plan(self.cfg, recipe_record(self.recipe), self.dataset.corpus_summary(),
+                                          strides)
+        return self._plan
 
-    def save(final_step: int, healthy: bool) -> Path | None:
-        nonlocal healthy_ckpt
-        student = _full_state(model)
+    def save(self, step: int, healthy: bool) -> Path | None:
+        student = _full_state(self.model)
         if D.any_flag(any(not bool(torch.isfinite(v).all()) for v in student.values() if v.is_floating_point())):
-            _say(bar, f"step {final_step}: the weights hold NaN / inf values; no checkpoint written")
+            _say(self.bar, f"step {step}: the weights hold NaN / inf values; no checkpoint written")
             return None
         rng_t, rng_p = C.rng_state()
-        gen_t = {f"gen.{k}": g.get_state() for k, g in generators.items()}
-        mon_t, mon_p = _split_state(monitor.state_dict())
-        name = R.step_dir_name(final_step)
+        gen_t = {f"gen.{k}": g.get_state() for k, g in self.generators.items()}
+        mon_t, mon_p = _split_state(self.monitor.state_dict())
+        n = self.n
         if healthy:
-            healthy_ckpt = name
-        trainer_state = {"step": final_step, "micro_step": micro_step, "epoch": sampler.epoch_of(micro_step),
-                         "elapsed": elapsed, "healthy": healthy_ckpt, "world_size": world, "skipped_steps": skipped}
-        return C.write_checkpoint(run.checkpoints, final_step, engine, student, objectives.teacher_state(),
+            n.healthy = R.step_dir_name(step)
+        trainer_state = {"step": step, "micro_step": n.micro_step, "epoch": self.sampler.epoch_of(n.micro_step),
+                         "elapsed": n.elapsed, "healthy": n.healthy, "world_size": self.world,
+                         "skipped_steps": n.skipped}
+        return C.write_checkpoint(self.rundir.checkpoints, step, self.engine, student, self.objectives.teacher_state(),
                                   {**rng_t, **gen_t, **{f"mon.{k}": v for k, v in mon_t.items()}},
-                                  {"rng": rng_p, "monitor": mon_p}, trainer_state, t.keep_last,
-                                  protect={healthy_ckpt} if healthy_ckpt else set(), plan=plan() if rank == 0 else None)
+                                  {"rng": rng_p, "monitor": mon_p}, trainer_state, self.cfg.train.keep_last,
+                                  protect={n.healthy} if n.healthy else set(),
+                                  plan=self.plan() if self.rank == 0 else None)
 
-    stopped, stop_signal, last, loss_acc, logs_acc, n_acc = False, None, {}, 0.0, {}, 0
-    nonfinite_stop, skipped_in_a_row = None, 0
-    step_start = time.perf_counter()
-    snapshot = None
-    try:
-        data_iter = iter(loader)
-        while step < t.max_steps:
-            batch = _to_device(next(data_iter), device, dtype)
-            boundary = engine.is_gradient_accumulation_boundary()
-            if boundary and monitor.cfg.enabled:
-                snapshot = _param_snapshot(model)
-            out = engine(batch)
-            engine.backward(out.loss)
-            skipped_before = engine.skipped_steps
-            loss_now = float(out.loss.detach())
-            local_norm = _param_grad_norm(model) if boundary else None  # before step() clips and zeroes them
-            bad = None
-            if boundary:
-                bad = D.any_flag(not math.isfinite(loss_acc + loss_now) or
-                                 (local_norm is not None and not math.isfinite(local_norm)))
-            why = _why_stop(t.nonfinite, skipped_in_a_row + 1, model) if bad else None
-            if why:
-                nonfinite_stop = _nonfinite_message(step + 1, why, run, healthy_ckpt)
-                break
-            with _skipped_update(engine) if bad else _nothing():
-                engine.step()
-            if bad and engine.skipped_steps == skipped_before and D.any_flag(_nonfinite_params(model)):
-                nonfinite_stop = _nonfinite_message(step + 1, "DeepSpeed applied the step: under ZeRO >= 1 in fp32 it "
-                                                    "checks gradients only with train.grad_clip > 0", run, healthy_ckpt)
-                break
-            micro_step += 1
-            loss_acc += loss_now
-            for k, v in out.logs.items():
-                logs_acc[k] = logs_acc.get(k, 0.0) + v
-            n_acc += 1
-            monitor.observe(out.embeddings, out.teacher_embeddings)
-            if not boundary:
-                continue
-            step += 1
-            applied = engine.skipped_steps == skipped_before and not bad  # overflow / non-finite: no update, no EMA
-            if applied:
-                objectives.on_optimizer_step(step, t.max_steps)
-                skipped_in_a_row = 0
-            else:
-                skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
-            now = time.perf_counter()
-            dt, step_start = now - step_start, now
-            elapsed += dt
-            losses = D.mean_across_ranks({"loss": loss_acc / n_acc, **{k: v / n_acc for k, v in logs_acc.items()}})
-            extra = {**losses,
-                     "lr": sched.get_last_lr()[0], "grad_norm": _grad_norm(engine) or local_norm,
-                     "update_to_weight": _update_to_weight(model, snapshot) if applied else 0.0,
-                     "skipped_steps": skipped}
-            extra = {k: v for k, v in extra.items() if v is not None}
-            loss_acc, logs_acc, n_acc = 0.0, {}, 0
-            metrics = monitor.end_step(step, extra)
-            if probe_crops is not None and step % cfg.monitor.probe_every == 0:
-                metrics.update(monitor.probe(model.encoder, probe_crops.to(device, dtype), step))
-            events = monitor.check_alarms(step, {**extra, **metrics})
-            samples = t.micro_batch_size * t.grad_accum_steps * world
-            done = step / max(t.max_steps, 1)
-            last = {"step": step, "micro_step": micro_step, "epoch": sampler.epoch_of(micro_step - 1), **extra,
-                    **objectives.log_scalars(), **metrics, "samples_per_s": samples / max(dt, 1e-9),
-                    "time": elapsed, "eta_s": elapsed / done * (1 - done) if done else None}
-            if rank == 0:
-                metrics_out.write(last)
-                trackers.log_metrics(step, last)
-                if bar is not None:
-                    _advance(bar, last)
-                for e in events:
-                    _say(bar, f"ALARM [{e.action}] {e.message}")
-                    trackers.log_alarm(e)
-            stop_events = [e for e in events if e.action in ("stop", "stop_keep_healthy")]
-            if D.broadcast_flag(bool(stop_events)):  # every rank leaves the loop together
-                stopped = True
-                _finish_stop(run_dir, stop_events, healthy_ckpt, rank)
-                break
-            if D.any_flag(stop.requested is not None):  # a signal on any rank stops every rank after this step
-                stop_signal = stop.requested or "a signal on another rank"
-            if (t.ckpt_every and step % t.ckpt_every == 0) or step == t.max_steps or stop_signal:
-                save(step, healthy=monitor.last_healthy_step == step)
-            if stop_signal:
-                break
-    except BaseException as e:  # the trackers learn that the run failed (or was interrupted), then it propagates
-        if trackers is not None:
-            trackers.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    if bar is not None:
-        bar.close()
-    if rank == 0:
-        metrics_out.close()
-    if nonfinite_stop and rank == 0:
-        _say(None, nonfinite_stop)
-    if not (stopped or stop_signal or nonfinite_stop):
-        export_encoder(model, run_dir / "encoder.safetensors", plan() if rank == 0 else None)
+    def run(self) -> RunResult:
+        step_start = time.perf_counter()
+        try:
+            data_iter = iter(self.loader)
+            while self.n.step < self.cfg.train.max_steps:
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                applied = self._micro_batch(next(data_iter), boundary)
+                if self.nonfinite_stop:
+                    break
+                if not boundary:
+                    continue
+                now = time.perf_counter()
+                dt, step_start = now - step_start, now
+                if self._end_step(applied, dt):
+                    break
+        except BaseException as e:  # the trackers learn that the run failed (or was interrupted), then it propagates
+            if self.trackers is not None:
+                self.trackers.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+        return self._finish()
+
+    def _micro_batch(self, batch: dict, boundary: bool) -> bool:
+        """Forward, backward and engine.step() of one micro-batch; at a boundary, whether the update was applied.
+        Sets `nonfinite_stop` when a non-finite loss / gradient ends the run."""
+        engine, model, n = self.engine, self.model, self.n
+        batch = _to_device(batch, self.device, self.dtype)
+        if boundary and self.monitor.cfg.enabled:
+            self.snapshot = _param_snapshot(model)
+        out = engine(batch)
+        engine.backward(out.loss)
+        skipped_before = engine.skipped_steps
+        loss_now = float(out.loss.detach())
+        local_norm = _param_grad_norm(model) if boundary else None  # before step() clips and zeroes them
+        bad = boundary and D.any_flag(not math.isfinite(self.sums.loss + loss_now) or
+                                      (local_norm is not None and not math.isfinite(local_norm)))
+        why = _why_stop(self.cfg.train.nonfinite, n.skipped_in_a_row + 1, model) if bad else None
+        if why:
+            self.nonfinite_stop = _nonfinite_message(n.step + 1, why, self.rundir, n.healthy)
+            return False
+        with _skipped_update(engine) if bad else _nothing():
+            engine.step()
+        if bad and engine.skipped_steps == skipped_before and D.any_flag(_nonfinite_params(model)):
+            self.nonfinite_stop = _nonfinite_message(n.step + 1, "DeepSpeed applied the step: under ZeRO >= 1 in "
+                                                     "fp32 it checks gradients only with train.grad_clip > 0",
+                                                     self.rundir, n.healthy)
+            return False
+        n.micro_step += 1
+        self.sums.add(loss_now, out.logs)
+        self.monitor.observe(out.embeddings, out.teacher_embeddings)
+        self.local_norm = local_norm
+        return engine.skipped_steps == skipped_before and not bad  # overflow / non-finite: no update, no EMA
+
+    def _end_step(self, applied: bool, dt: float) -> bool:
+        """Close one optimizer step: EMA, metrics, probe, alarms, logs, checkpoint. True: leave the loop."""
+        t, n, rank = self.cfg.train, self.n, self.rank
+        n.step += 1
+        if applied:
+            self.objectives.on_optimizer_step(n.step, t.max_steps)
+            n.skipped_in_a_row = 0
+        else:
+            n.skipped, n.skipped_in_a_row = n.skipped + 1, n.skipped_in_a_row + 1
+        n.elapsed += dt
+        losses = D.mean_across_ranks(self.sums.means())
+        self.sums = _StepSums()
+        extra = {**losses, "lr": self.sched.get_last_lr()[0],
+                 "grad_norm": _grad_norm(self.engine) or self.local_norm,
+                 "update_to_weight": _update_to_weight(self.model, self.snapshot) if applied else 0.0,
+                 "skipped_steps": n.skipped}
+        extra = {k: v for k, v in extra.items() if v is not None}
+        metrics = self.monitor.end_step(n.step, extra)
+        if self.probe_crops is not None and n.step % self.cfg.monitor.probe_every == 0:
+            metrics.update(self.monitor.probe(self.model.encoder, self.probe_crops.to(self.device, self.dtype),
+                                              n.step))
+        events = self.monitor.check_alarms(n.step, {**extra, **metrics})
+        samples = t.micro_batch_size * t.grad_accum_steps * self.world
+        done = n.step / max(t.max_steps, 1)
+        self.last = {"step": n.step, "micro_step": n.micro_step, "epoch": self.sampler.epoch_of(n.micro_step - 1),
+                     **extra, **self.objectives.log_scalars(), **metrics, "samples_per_s": samples / max(dt, 1e-9),
+                     "time": n.elapsed, "eta_s": n.elapsed / done * (1 - done) if done else None}
         if rank == 0:
-            R.atomic_write_json(run_dir / "plan.json", plan())
-            trackers.log_artifact(run_dir / "encoder.safetensors")
-            trackers.log_artifact(run_dir / "plan.json")
-    if rank == 0:
-        trackers.close("KILLED" if stop_signal else "FAILED" if (stopped or nonfinite_stop) else "FINISHED")
-    D.barrier()
-    return RunResult(run_dir, step, stopped, stop_signal or None, nonfinite_stop, last)
+            self._log(events)
+        stop_events = [e for e in events if e.action in ("stop", "stop_keep_healthy")]
+        if D.broadcast_flag(bool(stop_events)):  # every rank leaves the loop together
+            self.stopped = True
+            _finish_stop(self.run_dir, stop_events, n.healthy, rank)
+            return True
+        if D.any_flag(self.stop.requested is not None):  # a signal on any rank stops every rank after this step
+            self.stop_signal = self.stop.requested or "a signal on another rank"
+        if (t.ckpt_every and n.step % t.ckpt_every == 0) or n.step == t.max_steps or self.stop_signal:
+            self.save(n.step, healthy=self.monitor.last_healthy_step == n.step)
+        return bool(self.stop_signal)
+
+    def _log(self, events) -> None:
+        self.metrics_out.write(self.last)
+        self.trackers.log_metrics(self.n.step, self.last)
+        if self.bar is not None:
+            _advance(self.bar, self.last)
+        for e in events:
+            _say(self.bar, f"ALARM [{e.action}] {e.message}")
+            self.trackers.log_alarm(e)
+
+    def _finish(self) -> RunResult:
+        """Close the outputs; a run that reached max_steps exports its encoder and plan."""
+        rank = self.rank
+        if self.bar is not None:
+            self.bar.close()
+        if rank == 0:
+            self.metrics_out.close()
+        if self.nonfinite_stop and rank == 0:
+            _say(None, self.nonfinite_stop)
+        finished = not (self.stopped or self.stop_signal or self.nonfinite_stop)
+        if finished:
+            export_encoder(self.model, self.run_dir / "encoder.safetensors", self.plan() if rank == 0 else None)
+            if rank == 0:
+                R.atomic_write_json(self.run_dir / "plan.json", self.plan())
+                self.trackers.log_artifact(self.run_dir / "encoder.safetensors")
+                self.trackers.log_artifact(self.run_dir / "plan.json")
+        if rank == 0:
+            self.trackers.close("KILLED" if self.stop_signal else "FINISHED" if finished else "FAILED")
+        D.barrier()
+        return RunResult(self.run_dir, self.n.step, self.stopped, self.stop_signal or None, self.nonfinite_stop,
+                         self.last)
 
 
 def _nonfinite_message(step: int, why: str, run: R.RunDir, healthy: str | None) -> str:
