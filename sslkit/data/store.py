@@ -46,12 +46,14 @@ the guest's page cache before each pass (this VM's disk is itself cached by its 
 did not pay there; on storage slower than decoding it would). What the store buys is size (0.19× the float32
 bytes) and training steps that do not wait for data (0.94× the in-memory step rate on 2 shared cores).
 
-Reading: arrays are opened lazily, memory-mapped (`mmap_mode="r"`), with one blosc2 thread, and cached per process
-(the cache is dropped when `os.getpid()` changes, so DataLoader workers forked after a read reopen their own). At most
-`max_open` (default MAX_OPEN = 128) volumes stay open per process, least recently used closed first: the pages a
-memory map touched count in a worker's resident memory until it is closed, so an unbounded cache would grow with the
-corpus. The first open of a key in a process checks its sidecar and file sizes (no directory listing); the sidecar is
-kept, so reopening a closed volume costs only blosc2's open (~0.3 ms).
+Reading: arrays are opened lazily with one blosc2 thread and read through the page cache with plain file reads
+(not memory-mapped: the pages a map touches count in a DataLoader worker's resident memory until it is unmapped),
+and cached per process (the cache is dropped when `os.getpid()` changes, so DataLoader workers forked after a read
+reopen their own). At most `max_open` (default MAX_OPEN = 32) volumes stay open per process, least recently used
+closed first: an open volume holds ~0.2 MB of blosc2 state. Measured on 500 volumes, random 48³ crops, 1 core:
+plain reads with 32 open read as fast as memory maps with 128 open (~1700 crops/s, both ±20 %) while the process
+grew by ~10 MB instead of ~200 MB. The first open of a key in a process checks its sidecar and file sizes (no
+directory listing); the sidecar is kept, so reopening a closed volume costs only blosc2's open (~0.15 ms).
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ _INT16_STEPS = 65534          # q in [-32767, 32767]
 _TMP = ".tmp-"
 _KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\Z")
 _SLAB = 8                     # rows (axis 1) per slab when quantising / measuring error, to bound memory
-MAX_OPEN = 128                # open (memory-mapped) volumes kept per process
+MAX_OPEN = 32                 # open volumes kept per process
 
 
 # ------------------------------------------------------------------------------------------- geometry
@@ -241,7 +243,7 @@ def _write_b2nd(arr: np.ndarray, path: Path, chunks, blocks) -> None:
 def _open_b2nd(path: Path):
     b2 = _blosc2()
     try:
-        return b2.open(str(path), mode="r", mmap_mode="r", dparams=b2.DParams(nthreads=1))
+        return b2.open(str(path), mode="r", dparams=b2.DParams(nthreads=1))
     except Exception as e:  # noqa: BLE001 - blosc2 raises several types for a bad file
         raise DataError(f"{path}: not a readable blosc2 array ({type(e).__name__}: {e})".splitlines()[0]) from e
 
@@ -294,7 +296,7 @@ def _check_key(key: str) -> str:
 @dataclass
 class _Open:
     info: dict
-    image: object               # blosc2.NDArray, memory-mapped
+    image: object               # blosc2.NDArray
     label: object = None        # opened on the first label read
 
 
@@ -505,7 +507,7 @@ class VolumeStore:
     # ---------------------------------------------------------------- reading
 
     def _open(self, key: str) -> _Open:
-        """This process's memory-mapped handle of `key` (reopened after a fork; one blosc2 thread)."""
+        """This process's handle of `key` (reopened after a fork; one blosc2 thread)."""
         if os.getpid() != self._pid:
             self._pid, self._handles, self._checked = os.getpid(), OrderedDict(), {}
         handle = self._handles.get(key)
@@ -524,12 +526,12 @@ class VolumeStore:
         if list(image.shape) != info["shape"]:
             raise DataError(f"{self.image_path(key)}: shape {image.shape} differs from its sidecar {info['shape']}")
         while len(self._handles) >= self.max_open:
-            self._handles.popitem(last=False)  # its memory maps close with it
+            self._handles.popitem(last=False)
         handle = self._handles[key] = _Open(info, image)
         return handle
 
     def close(self) -> None:
-        """Drop this process's open handles (their memory maps close with them) and what it checked."""
+        """Drop this process's open handles and what it checked."""
         self._handles, self._checked = OrderedDict(), {}
 
     @staticmethod
