@@ -261,7 +261,7 @@ def step_rates(cfg, timing_steps: int, rounds: int) -> dict:
 
     from sslkit.data.datalist import load_datalist
     from sslkit.data.pretrain import PretrainDataset
-    from sslkit.engine.sampler import EpochSampler
+    from sslkit.engine.sampler import EpochSampler, worker_init
     from sslkit.engine.trainer import build_model, make_optimizer
 
     t = cfg.train
@@ -280,6 +280,7 @@ def step_rates(cfg, timing_steps: int, rounds: int) -> dict:
 
     sampler = EpochSampler(len(ds), t.micro_batch_size, t.seed, 0, 1)
     loader = torch.utils.data.DataLoader(ds, batch_size=t.micro_batch_size, sampler=sampler, drop_last=True,
+                                         worker_init_fn=worker_init(t.worker_nice),
                                          num_workers=t.num_workers, persistent_workers=t.num_workers > 0)
     it = iter(loader)
     for k in range(2):  # warm-up: workers started, first allocations made
@@ -295,7 +296,7 @@ def step_rates(cfg, timing_steps: int, rounds: int) -> dict:
         step(in_memory[k % timing_steps], k)
         loaded_s, memory_s = loaded_s + t1 - t0, memory_s + time.perf_counter() - t1
     return {"loaded": n / loaded_s, "memory": n / memory_s, "threads": torch.get_num_threads(),
-            "workers": t.num_workers, "steps": n, "load": f"{before} -> {load_avg()}"}
+            "workers": t.num_workers, "nice": t.worker_nice, "steps": n, "load": f"{before} -> {load_avg()}"}
 
 
 # ------------------------------------------------------------------------------------------------ 5
@@ -390,6 +391,8 @@ def main(argv=None) -> int:
     p.add_argument("--timing-steps", type=int, default=10, help="steps per round of the step-rate comparison")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the step-rate comparison")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the step-rate comparison")
+    p.add_argument("--worker-nice", type=int, default=19,
+                   help="their niceness, train.worker_nice (default 19: they share the cores with the training threads)")
     p.add_argument("--memory-workers", type=int, default=2, help="DataLoader workers of the memory run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the recipe in the step and memory runs (e.g. a smaller data.roi)")
@@ -447,9 +450,11 @@ def _run(a, work: Path) -> int:
     say(f"  page cache evicted before each pass: store / memmap "
         f"{rates['store, page cache evicted'] / rates['.npy memmap, page cache evicted']:.2f}x")
 
-    sr = step_rates(recipe(datalist, store, a.overrides, num_workers=a.workers), a.timing_steps, a.rounds)
+    sr = step_rates(recipe(datalist, store, a.overrides, num_workers=a.workers, worker_nice=a.worker_nice),
+                    a.timing_steps, a.rounds)
     say(f"steps per second, data loading / in memory: {sr['loaded'] / sr['memory']:.3f}  (loaded {sr['loaded']:.3f} "
-        f"/s, in memory {sr['memory']:.3f} /s; {sr['steps']} steps each, {sr['workers']} DataLoader worker(s), "
+        f"/s, in memory {sr['memory']:.3f} /s; {sr['steps']} steps each, {sr['workers']} DataLoader worker(s) at nice "
+        f"{sr['nice']}, "
         f"{sr['threads']} torch threads; {sr['load']})  [goal >= 0.95]")
 
     light = ["data.roi=[32,32,32]", "model.args.depths=[1,1,1,1]"] if a.memory_overrides is None \

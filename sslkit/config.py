@@ -28,6 +28,9 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda
     threads: int = 0                   # torch CPU threads (0: torch default)
     num_workers: int = 0               # DataLoader workers per process
+    worker_nice: int = 0               # niceness added to the DataLoader workers (0-19): raise it when they share
+                                       # cores with the training threads (CPU runs), so the step goes first and
+                                       # the workers fill its idle moments; keep 0 on cores shared with other jobs
     grad_clip: float = 1.0             # 0 disables clipping
     ckpt_every: int = 50               # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 3                 # step checkpoints kept (the newest valid and a marked healthy one always)
@@ -306,6 +309,8 @@ def check_shared(train: TrainConfig, optim: OptimConfig, data: PreprocessConfig,
             raise ConfigError(f"train.{name}: must be at least 1, got {getattr(train, name)}")
     if train.grad_clip < 0 or train.ckpt_every < 0 or train.num_workers < 0 or train.threads < 0:
         raise ConfigError("train.grad_clip, train.ckpt_every, train.num_workers and train.threads must be >= 0")
+    if not 0 <= train.worker_nice <= 19:
+        raise ConfigError(f"train.worker_nice: {train.worker_nice} is not a niceness in 0..19")
     check_choice("optim.name", optim.name, ("adamw", "adam", "sgd"))
     check_choice("optim.schedule", optim.schedule, ("cosine", "constant", "one_cycle"))
     if not optim.lr > 0:

@@ -27,6 +27,7 @@ def test_defaults_and_overrides(tmp_path):
     ({"train": {"micro_batch_size": 1.5}}, "train.micro_batch_size: expected an integer, got 1.5"),
     ({"train": {"precision": "fp8"}}, "train.precision: 'fp8' is not one of fp32, bf16, fp16"),
     ({"data": {"roi": [64, 64]}}, "data.roi: needs 3 positive sizes"),
+    ({"train": {"worker_nice": 20}}, "train.worker_nice: 20 is not a niceness in 0..19"),
     ({"objectives": [{"weight": 1}]}, "objectives[0]: expected a mapping with a 'name'"),
 ])
 def test_bad_values_name_the_key(raw, expected):

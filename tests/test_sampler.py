@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
 
-from sslkit.engine.sampler import EpochSampler
+import torch
+
+from sslkit.engine.sampler import EpochSampler, worker_init
 
 
 def _take(sampler, n):
@@ -31,3 +34,19 @@ def test_resume_continues_the_same_stream():
     resumed = _take(EpochSampler(9, 2, seed=3, start_micro_step=5), 10)
     assert resumed == full[10:20]
     assert EpochSampler(9, 2, seed=3).epoch_of(5) == 1
+
+
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def test_worker_init_adds_niceness_to_the_workers_only():
+    parent = os.getpriority(os.PRIO_PROCESS, 0)
+    loader = torch.utils.data.DataLoader(_Niceness(), batch_size=1, num_workers=1, worker_init_fn=worker_init(5))
+    assert [int(b) for b in loader] == [min(parent + 5, 19)] * 2
+    assert os.getpriority(os.PRIO_PROCESS, 0) == parent
+    assert worker_init(0) is None

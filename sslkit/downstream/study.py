@@ -56,7 +56,7 @@ STUDY_FILE = "study.json"
 TIMINGS_FILE = "timings.jsonl"
 CELL_KEYS = ("data.num_labelled", "data.split_seed", "train.seed")
 # keys a finished cell may differ in from the current recipe: where and how fast it ran, not what it computed
-_RUN_ONLY_KEYS = ("train.threads", "train.device", "train.num_workers", "logging")
+_RUN_ONLY_KEYS = ("train.threads", "train.device", "train.num_workers", "train.worker_nice", "logging")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

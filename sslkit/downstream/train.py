@@ -38,6 +38,7 @@ from sslkit.downstream.from_plan import (
     segmenter_plan,
     summarize_stats,
 )
+from sslkit.engine.sampler import worker_init
 from sslkit.errors import ConfigError, UserError
 
 
@@ -172,7 +173,7 @@ def _finetune(cfg, run: R.RunDir, device, encoder, progress: bool, stop: R.StopS
 
     gen = torch.Generator()
     loader = DataLoader(data.train, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers,
-                        generator=gen, drop_last=False)
+                        generator=gen, drop_last=False, worker_init_fn=worker_init(t.worker_nice))
     steps_per_epoch = len(loader)
     total = t.max_steps or t.max_epochs * steps_per_epoch
     scheduler = make_scheduler(opt, cfg.optim, total)

@@ -1,9 +1,24 @@
-"""Deterministic, resumable order of samples: epoch e is a seeded permutation, sharded across ranks."""
+"""Deterministic, resumable order of samples: epoch e is a seeded permutation, sharded across ranks; and the
+DataLoader workers' start-up (`worker_init`)."""
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 from torch.utils.data import Sampler
+
+
+def worker_init(nice: int):
+    """A DataLoader `worker_init_fn` that adds `nice` to each worker's niceness (None when 0). On cores shared with
+    the training threads the scheduler then runs the step first: measured on 2 cores, 1 worker making strong views
+    for the demo recipe, nice 19 kept 0.98-0.99x of the in-memory step rate where nice 0 kept 0.95-0.97x."""
+    return functools.partial(_renice, int(nice)) if nice else None
+
+
+def _renice(nice: int, worker_id: int) -> None:
+    os.nice(nice)
 
 
 class EpochSampler(Sampler):

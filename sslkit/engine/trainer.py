@@ -21,7 +21,7 @@ from sslkit import run as R
 from sslkit.config import Config
 from sslkit.engine import checkpoint as C
 from sslkit.engine import distributed as D
-from sslkit.engine.sampler import EpochSampler
+from sslkit.engine.sampler import EpochSampler, worker_init
 from sslkit.engine.schedules import make_scheduler
 from sslkit.errors import ConfigError, UserError
 from sslkit.models import build_encoder
@@ -338,6 +338,7 @@ class _Training:
                                     start_micro_step=self.n.micro_step)
         self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=t.micro_batch_size, sampler=self.sampler,
                                                   num_workers=t.num_workers, drop_last=True,
+                                                  worker_init_fn=worker_init(t.worker_nice),
                                                   pin_memory=device.type == "cuda")
         self._open_outputs(progress)
         self.probe_crops = self.dataset.probe_crops(cfg.monitor.probe_crops) if cfg.monitor.probe_every else None
