@@ -38,13 +38,15 @@ this also makes files byte-identical whatever `blosc2.set_nthreads` says). Measu
 (256×256×108, window [-175, 250] HU → [0, 1], 1 core, random 64³ crops): LZ4HC decodes as fast as LZ4 (its
 output is LZ4's format with longer matches) and is 7–16 % smaller; ZSTD level 1 is ~25 % smaller still but
 decodes 3–4× slower; BLOSCLZ is larger and no faster; bit-shuffle is larger and slower. Sizes / float32:
-0.24 (float32), 0.11 (float16), 0.15 (int16). Speed: decoding runs at ~1–2 GB/s per core and blosc2
-pays a fixed cost per block, so crops from a page-cached float32 `.npy` memmap (a plain copy) are faster:
-`benchmarks/data_pipeline.py` (500 synthetic scans, 48³ crops, 1 core) reads 0.12× as many crops per second from
-the store as from memmaps kept open, 0.64× as from memmaps opened per read, and 0.25× with both files evicted from
-the guest's page cache before each pass (this VM's disk is itself cached by its host, so reading 5× fewer bytes
-did not pay there; on storage slower than decoding it would). What the store buys is size (0.19× the float32
-bytes) and training steps that do not wait for data (0.94× the in-memory step rate on 2 shared cores).
+0.24 (float32), 0.11 (float16), 0.15 (int16). Speed: decoding runs at ~1–2 GB/s per core and blosc2 pays ~4 µs per
+block: a random 48³ float16 window takes ~240 µs (LZ4HC), and still ~130 µs with compression off (clevel 0), against
+~75 µs for the same float32 window copied from a page-cached `.npy` memmap. So a page-cached memmap reads crops
+faster, and no blosc2 setting reaches 0.8× of it: `benchmarks/data_pipeline.py` (500 synthetic scans, 48³ crops, 1
+core) reads 0.10–0.15× as many crops per second from the store as from memmaps kept open, 0.4–0.7× as from memmaps
+opened per read, and 0.26–0.39× with both files evicted from the guest's page cache before each pass (this VM's disk
+is itself cached by its host, so reading 5× fewer bytes did not pay there; on storage slower than decoding it
+would). What the store buys is size (0.19× the float32 bytes); a crop costs ~0.6 ms against ~8 ms for one strong
+view of it, so training steps do not wait for data (0.94–0.99× the in-memory step rate on 2 shared cores).
 
 Reading: arrays are opened lazily with one blosc2 thread and read through the page cache with plain file reads
 (not memory-mapped: the pages a map touches count in a DataLoader worker's resident memory until it is unmapped),

@@ -20,7 +20,7 @@ seed = (run seed, epoch, index, stream): a resumed run redraws exactly the same 
     blur (RandGaussianSmooth, sigma per axis ~ U(blur_sigma) voxels, p=blur_prob, on a reflect-padded copy) ->
     noise N(0, noise_std) (float32 normals from a torch generator seeded with the slot's integer, not MONAI's
     RandGaussianNoise: its float64 legacy-NumPy normals took 3.8 of the ~12 ms a 48³ view cost on one core).
-    Rotation resamples in float32 (RandRotate's dtype; float64 costs 1.6x the time for no visible difference).
+    Rotation resamples in float32 (RandRotate's dtype; float64 took 1.2-1.4x the time).
     Scale, shift and noise always apply, as in basic. Zoom-in keeps the centre (the two views' crops already differ
     by `data.views.shift`); zoom-out and rotation fill the border by reflection.
     Randomness: the generator draws `len(STRONG_SLOTS)` 32-bit integers at once, one per slot of STRONG_SLOTS
