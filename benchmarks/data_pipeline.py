@@ -113,7 +113,7 @@ def preparation(cfg, work: Path, prep_scans: int, repeats: int = 2) -> tuple[dic
     """Prepare the whole corpus with 2 workers; then time 1 vs 2 workers on the first prep_scans entries, alternating
     (1, 2, 1, 2, ...) into fresh stores. Times: sums over the repeats. The whole corpus goes first so that the timed
     runs do not share the disk with the writeback of the corpus just written (timed first, 2 workers came out
-    1.65x one in two runs; timed after it, 1.9x)."""
+    1.65-1.74x one in three runs; timed after it, 1.99x and 2.00x)."""
     from sslkit.data.prepare import prepare_store
     from sslkit.data.preprocess import preprocess_transforms
 
@@ -339,13 +339,13 @@ def _median_sample(samples: list[dict]) -> dict:
 
 
 def memory_run(datalist: Path, store: Path, run_dir: Path, steps: int, workers: int, extra: list[str],
-               window: int = 10) -> dict:
+               span: int = 10) -> dict:
     """`sslkit pretrain` over the store; memory sampled once per new step (as metrics.jsonl shows it) over the
-    `window` steps from step 10 (or steps // 2) and over the `window` steps up to `steps`, reported as medians (the
+    `span` steps from step 10 (or steps // 2) and over the `span` steps up to `steps`, reported as medians (the
     run goes 5 steps further, so the process is still training then)."""
     early = min(10, max(1, steps // 2))
-    late = max(early + 1, steps - window + 1)
-    windows = {"early": (early, min(early + window, late)), "late": (late, steps + 1)}  # [first, stop) steps
+    late = max(early + 1, steps - span + 1)
+    spans = {"early": (early, min(early + span, late)), "late": (late, steps + 1)}  # [first, stop) steps
     sets = recipe_sets(datalist, store, extra) + [f"train.max_steps={steps + 5}", f"train.num_workers={workers}",
                                                   "train.ckpt_every=0"]
     cmd = [sys.executable, "-m", "sslkit", "pretrain", "--cfg", str(RECIPE), "--run-dir", str(run_dir),
@@ -360,7 +360,7 @@ def memory_run(datalist: Path, store: Path, run_dir: Path, steps: int, workers: 
         while proc.poll() is None:
             lines = metrics.read_text().splitlines() if metrics.exists() else []
             step = json.loads(lines[-1])["step"] if lines else 0
-            for name, (first, stop) in windows.items():  # a window the polling skipped gets its next step
+            for name, (first, stop) in spans.items():  # a span the polling skipped gets its next step
                 if first <= step and (step < stop or not samples[name]) and step not in samples[name]:
                     samples[name][step] = _memory(proc.pid)
             if step >= steps and samples["late"]:
@@ -391,8 +391,8 @@ def main(argv=None) -> int:
     p.add_argument("--timing-steps", type=int, default=10, help="steps per round of the step-rate comparison")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the step-rate comparison")
     p.add_argument("--workers", type=int, default=1, help="DataLoader workers of the step-rate comparison")
-    p.add_argument("--worker-nice", type=int, default=19,
-                   help="their niceness, train.worker_nice (default 19: they share the cores with the training threads)")
+    p.add_argument("--worker-nice", type=int, default=19, help="their niceness, train.worker_nice (default 19: "
+                   "they share the cores with the training threads)")
     p.add_argument("--memory-workers", type=int, default=2, help="DataLoader workers of the memory run")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the recipe in the step and memory runs (e.g. a smaller data.roi)")

@@ -384,8 +384,8 @@ def _decode(x, tensors: dict):
 
 # Keys a resumed run may change: how long and how it runs, not what it computes.
 RESUMABLE_CHANGES = ("train.max_steps", "train.max_epochs", "train.ckpt_every", "train.keep_last",
-                     "train.num_workers", "train.worker_nice", "train.threads", "train.device", "train.val_every", "train.val_cases",
-                     "logging", "monitor.probe_every", "monitor.alarms", "data.cache_dir")
+                     "train.num_workers", "train.worker_nice", "train.threads", "train.device", "train.val_every",
+                     "train.val_cases", "logging", "monitor.probe_every", "monitor.alarms", "data.cache_dir")
 
 
 def resolve_resume(run_dir: Path, resume: str | None, warn=None) -> Path | None:

@@ -306,7 +306,7 @@ class _Training:
 
         from sslkit.monitor.monitor import Monitor
 
-        self.cfg, self.rundir, self.device, self.stop, self.recipe = cfg, run, device, stop, recipe
+        self.cfg, self.dirs, self.device, self.stop, self.recipe = cfg, run, device, stop, recipe  # dirs: R.RunDir
         self.run_dir, t = run.root, cfg.train
         self.rank, self.world = D.rank(), D.world_size()
         self.dataset = make_dataset(cfg, self.run_dir, progress)
@@ -356,7 +356,7 @@ class _Training:
         tr = state["trainer"]
         self.n = _Counters(tr["step"], tr["micro_step"], tr["elapsed"], tr.get("healthy"), tr.get("skipped_steps", 0))
         if self.rank == 0:
-            print(f"resumed from {self.rundir.resume_from} at step {self.n.step}", flush=True)
+            print(f"resumed from {self.dirs.resume_from} at step {self.n.step}", flush=True)
 
     def _open_outputs(self, progress: bool) -> None:
         """metrics.jsonl, the trackers and the progress bar: rank 0 only."""
@@ -366,7 +366,7 @@ class _Training:
         if self.rank != 0:
             return
         self.metrics_out = R.JsonlWriter(self.run_dir / "metrics.jsonl")
-        resumed = self.rundir.resume_from is not None
+        resumed = self.dirs.resume_from is not None
         self.trackers = Trackers.open(self.cfg.logging, self.run_dir, self.run_dir.name, self.cfg.to_dict(),
                                       resume_step=self.n.step if resumed else None)
         self.bar = _progress_bar(self.cfg.train.max_steps, self.n.step) if progress else None
@@ -397,7 +397,7 @@ class _Training:
         trainer_state = {"step": step, "micro_step": n.micro_step, "epoch": self.sampler.epoch_of(n.micro_step),
                          "elapsed": n.elapsed, "healthy": n.healthy, "world_size": self.world,
                          "skipped_steps": n.skipped}
-        return C.write_checkpoint(self.rundir.checkpoints, step, self.engine, student, self.objectives.teacher_state(),
+        return C.write_checkpoint(self.dirs.checkpoints, step, self.engine, student, self.objectives.teacher_state(),
                                   {**rng_t, **gen_t, **{f"mon.{k}": v for k, v in mon_t.items()}},
                                   {"rng": rng_p, "monitor": mon_p}, trainer_state, self.cfg.train.keep_last,
                                   protect={n.healthy} if n.healthy else set(),
@@ -440,14 +440,14 @@ class _Training:
                                       (local_norm is not None and not math.isfinite(local_norm)))
         why = _why_stop(self.cfg.train.nonfinite, n.skipped_in_a_row + 1, model) if bad else None
         if why:
-            self.nonfinite_stop = _nonfinite_message(n.step + 1, why, self.rundir, n.healthy)
+            self.nonfinite_stop = _nonfinite_message(n.step + 1, why, self.dirs, n.healthy)
             return False
         with _skipped_update(engine) if bad else _nothing():
             engine.step()
         if bad and engine.skipped_steps == skipped_before and D.any_flag(_nonfinite_params(model)):
             self.nonfinite_stop = _nonfinite_message(n.step + 1, "DeepSpeed applied the step: under ZeRO >= 1 in "
                                                      "fp32 it checks gradients only with train.grad_clip > 0",
-                                                     self.rundir, n.healthy)
+                                                     self.dirs, n.healthy)
             return False
         n.micro_step += 1
         self.sums.add(loss_now, out.logs)
