@@ -49,14 +49,23 @@ def rand_batch(dims: int, b: int = 2, size: int | None = None) -> dict:
 
 
 @pytest.mark.parametrize("t", [0.5, 0.1])
-def test_ntxent_equals_lightly(t):
-    from lightly.loss import NTXentLoss as LightlyNTXent
-
+def test_simclr_loss_is_nt_xent_written_out(t):
+    """SimCLR's loss (lightly's NTXentLoss) equals NT-Xent by hand: each of the 2N queries against its other view
+    among all 2N - 1 other projections."""
     torch.manual_seed(0)
-    a, b = torch.randn(6, 16), torch.randn(6, 16)
-    ours = NTXentLoss(t)(a, b)
-    ref = LightlyNTXent(temperature=t)(a, b)
-    assert torch.allclose(ours, ref, atol=1e-6)
+    enc = tiny_swin(3)
+    obj = build_objective({"name": "simclr", "temperature": t, "hidden_dim": 16, "out_dim": 8}, enc)
+    batch = rand_batch(3, b=3)
+    loss = obj(batch, enc).loss
+    with torch.no_grad():
+        z = torch.cat([F.normalize(obj.head(enc(batch[k])[-1].flatten(2).mean(-1)), dim=1) for k in ("view1", "view2")])
+    n = 3
+    terms = []
+    for i in range(2 * n):
+        pos = (i + n) % (2 * n)
+        den = sum(math.exp(float(z[i] @ z[j]) / t) for j in range(2 * n) if j != i)
+        terms.append(-math.log(math.exp(float(z[i] @ z[pos]) / t) / den))
+    assert float(loss.detach()) == pytest.approx(sum(terms) / len(terms), rel=1e-5)
 
 
 def _ntxent_worker(rank: int, world: int, store: str, out_dir: str):

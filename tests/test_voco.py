@@ -1,9 +1,11 @@
 """VoCo (issue 15): crop geometry and overlap targets against brute force, the loss against a hand computation,
-the stop-gradient on base crops, and a loss that falls on crops of the real demo head CT."""
+the stop-gradient on base crops, and a loss that falls on crops of the real demo head CT. Its EMA teacher (issue 23,
+the journal version's): the loss against the release's loops, one update per optimizer step under accumulation."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import numpy as np
@@ -150,7 +152,7 @@ def test_objective_wires_crops_projector_and_loss():
     projections (so the concatenation and reshapes put every crop where it belongs)."""
     torch.manual_seed(0)
     enc = tiny_swin(3)
-    obj = VoCo(enc, hidden_dim=32, out_dim=16, head_norm="layer", reg_weight=0.7)
+    obj = VoCo(enc, hidden_dim=32, out_dim=16, head_norm="layer", reg_weight=0.7, teacher="none")
     b, g, r = 2, 4, 3
     base, rand = torch.rand(b, g, 1, 16, 16, 16), torch.rand(b, r, 1, 16, 16, 16)
     targets = small_case(1, b, r, g)[2]
@@ -184,7 +186,7 @@ def test_prediction_term_sends_no_gradient_to_base_crops():
     torch.manual_seed(0)
     enc = tiny_swin(3)
     for reg_weight, base_moves in ((0.0, False), (1.0, True)):
-        obj = VoCo(enc, hidden_dim=32, out_dim=16, head_norm="layer", reg_weight=reg_weight)
+        obj = VoCo(enc, hidden_dim=32, out_dim=16, head_norm="layer", reg_weight=reg_weight, teacher="none")
         base = torch.rand(1, 4, 1, 16, 16, 16, requires_grad=True)
         rand = torch.rand(1, 2, 1, 16, 16, 16, requires_grad=True)
         targets = torch.tensor([[[0.5, 0.5, 0.0, 0.0], [0.0, 0.25, 0.0, 0.75]]])
@@ -206,8 +208,11 @@ def test_registry_and_batch_checks():
     with pytest.raises(ValueError, match="shapes disagree"):
         obj(batch, enc)
     batch["voco_targets"] = torch.rand(2, 3, 4)
-    out = obj(batch, enc)  # 2-D works
-    assert out.embeddings.shape == (6, 16) and set(out.logs) == {"pred", "pos", "neg", "reg", "acc"}
+    out = obj(batch, enc)  # 2-D works; the default is the journal version, with its teacher's inter-volume term
+    assert out.embeddings.shape == (6, 16) and set(out.logs) == {"pred", "pos", "neg", "reg", "acc", "inter"}
+    assert out.teacher_embeddings.shape == (6, 16) and set(obj.teachers()) == {"teacher"}
+    with pytest.raises(ConfigError, match="inter_weight needs the teacher"):
+        build_objective({"name": "voco", "teacher": "none", "inter_weight": 1.0}, enc)
 
 
 # ------------------------------------------------------------------------------------------ real scan
@@ -225,7 +230,8 @@ def ct_volume(demo_dir, spacing=3.0) -> np.ndarray:
 
 
 def test_voco_loss_falls_on_real_ct_crops(demo_dir):
-    """A tiny Swin-UNETR + VoCo head over 30 Adam steps on a fixed pool of 2 batches of VoCo crops (roi 32^3 at
+    """The single-encoder form (teacher: none; the teacher only moves in the engine's optimizer steps): a tiny
+    Swin-UNETR + VoCo head over 30 Adam steps on a fixed pool of 2 batches of VoCo crops (roi 32^3 at
     3 mm, grid 3, 4 random crops, 2 regions per batch; the 96 x 96 region reaches past the 82-voxel head and is
     zero-padded) cut from the real head CT: the loss must fall clearly."""
     vol = ct_volume(demo_dir)  # (1, 82, 82, 54)
@@ -235,7 +241,7 @@ def test_voco_loss_falls_on_real_ct_crops(demo_dir):
         pool.append({key: torch.from_numpy(np.stack([it[key] for it in items])) for key in items[0]})
     torch.manual_seed(0)
     enc = tiny_swin(3)
-    obj = build_objective({"name": "voco", "hidden_dim": 256, "out_dim": 256}, enc)
+    obj = build_objective({"name": "voco", "hidden_dim": 256, "out_dim": 256, "teacher": "none"}, enc)
     opt = torch.optim.Adam(list(enc.parameters()) + list(obj.parameters()), lr=3e-4)  # 1e-3 oscillates between the two pool batches
     losses, accs = [], []
     for step in range(30):
@@ -250,3 +256,105 @@ def test_voco_loss_falls_on_real_ct_crops(demo_dir):
           f"last 5 {[round(v, 4) for v in losses[-5:]]} acc last 5 {accs[-5:]}")
     assert all(math.isfinite(v) for v in losses)
     assert last < 0.6 * first, f"first {first:.4f} last {last:.4f}: {losses}"
+
+
+# ------------------------------------------------------------------------------------------ EMA teacher
+
+
+def hand_teacher_loss(s_rand, s_base, t_rand, t_base, targets, reg_weight, inter_weight):
+    """Large-Scale-Medical's loops (online_assign, ce_loss with the -log(1 - l) negative, inter_volume,
+    regularization_loss) in plain Python on float64: student crops vs teacher bases; volume b's crops vs volume
+    b + 1's bases with the teacher's logits as the target."""
+    def cos(a, b):
+        return sum(u * v for u, v in zip(a, b)) / math.sqrt(sum(u * u for u in a) * sum(v * v for v in b))
+
+    def assign(feats, bases):
+        return [[max(0.0, cos(f, q)) for q in bases] for f in feats]
+
+    def ce(labels, logits):
+        pairs = [(t, v) for lr, gr in zip(labels, logits) for t, v in zip(lr, gr)]
+        pos = sum(-t * math.log(1 - abs(t - v) + 1e-6) for t, v in pairs) / (sum(t for t, _ in pairs) + 1e-6)
+        zeros = [v for t, v in pairs if t == 0]
+        return pos + sum(-math.log(1 - v + 1e-6) for v in zeros) / (len(zeros) + 1e-6)
+
+    sr, sb, tr, tb, y = (x.double().tolist() for x in (s_rand, s_base, t_rand, t_base, targets))
+    n = len(sr)
+    intra = sum(ce(y[b], assign(sr[b], tb[b])) for b in range(n)) / n
+    inter = sum(ce(assign(tr[b], tb[(b + 1) % n]), assign(sr[b], sb[(b + 1) % n])) for b in range(n)) / n
+    regs = []
+    for b in range(n):
+        g = len(sb[b])
+        sims = [max(0.0, cos(sb[b][i], sb[b][j])) ** 2 for i in range(g) for j in range(i + 1, g)]
+        regs.append(sum(sims) / len(sims))
+    reg = sum(regs) / n
+    return intra + inter_weight * inter + reg_weight * reg, intra, inter
+
+
+def test_teacher_loss_equals_the_journal_release_loops():
+    torch.manual_seed(0)
+    enc = tiny_swin(3)
+    obj = VoCo(enc, hidden_dim=32, out_dim=16, head_norm="layer", reg_weight=0.7, inter_weight=0.5,
+               feature_dropout=0.0)
+    assert obj.negative == "log" and obj.teacher is not None
+    with torch.no_grad():  # the student projector away from its teacher copy
+        for p in obj.projector.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    b, g, r = 3, 4, 2
+    base, rand = torch.rand(b, g, 1, 16, 16, 16), torch.rand(b, r, 1, 16, 16, 16)
+    targets = small_case(3, b, r, g)[2]
+    out = obj({"voco_base": base, "voco_random": rand, "voco_targets": targets}, enc)
+    with torch.no_grad():
+        h = lambda x: enc(x.flatten(0, 1))[-1].flatten(2).mean(-1)  # noqa: E731
+        s_base, s_rand = obj.projector(h(base)).view(b, g, -1), obj.projector(h(rand)).view(b, r, -1)
+        tp = obj.teacher["projector"]
+        t_base, t_rand = tp(h(base)).view(b, g, -1), tp(h(rand)).view(b, r, -1)
+    # the projector's layer norm is per crop, so projecting bases and random crops apart is the same
+    want, intra, inter = hand_teacher_loss(s_rand, s_base, t_rand, t_base, targets, 0.7, 0.5)
+    assert math.isclose(out.logs["pred"], intra, rel_tol=1e-4)
+    assert math.isclose(out.logs["inter"], inter, rel_tol=1e-4)
+    assert math.isclose(float(out.loss.detach()), want, rel_tol=1e-4)
+
+
+def test_teacher_moves_only_on_optimizer_steps_by_the_constant_momentum():
+    torch.manual_seed(0)
+    enc = tiny_swin(3)
+    obj = VoCo(enc, hidden_dim=32, out_dim=16, head_norm="layer")
+    batch = {"voco_base": torch.rand(2, 4, 1, 16, 16, 16), "voco_random": torch.rand(2, 2, 1, 16, 16, 16),
+             "voco_targets": small_case(4, 2, 2, 4)[2]}
+    before = {k: v.clone() for k, v in obj.teacher.state_dict().items()}
+    for _ in range(2):  # micro-batches: the release moved its teacher in every forward, sslkit does not
+        obj(batch, enc).loss.backward()
+    assert all(torch.equal(v, obj.teacher.state_dict()[k]) for k, v in before.items())
+    with torch.no_grad():
+        for p in obj.projector.parameters():
+            p.add_(1.0)
+    obj.on_optimizer_step(1, 100)
+    for (name, t), s in zip(obj.teacher["projector"].named_parameters(), obj.projector.parameters()):
+        torch.testing.assert_close(t, 0.9 * before[f"projector.{name}"] + 0.1 * s.detach())
+    assert obj.log_scalars() == {"ema_tau": 0.9, "ema_updates": 1.0}
+
+
+def test_teacher_updates_once_per_optimizer_step_under_accumulation(demo_dir, scan_cache, tmp_path):
+    """The engine with micro-batch 2 x accumulation 2 for 3 steps: 6 micro-batches, 3 teacher updates, and the
+    checkpointed teacher projector equals the hand EMA (0.9) of the checkpointed students."""
+    from conftest import ckpt_tensors, tiny_raw
+    from sslkit.config import config_from_dict
+    from sslkit.engine.trainer import build_model, pretrain
+
+    raw = tiny_raw(demo_dir, scan_cache, train={"micro_batch_size": 2, "grad_accum_steps": 2, "max_steps": 3},
+                   objectives=[{"name": "voco", "grid": 2, "n_random": 2, "hidden_dim": 32, "out_dim": 16,
+                                "head_norm": "layer"}])
+    run = pretrain(config_from_dict(raw), tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [m["micro_step"] for m in rows] == [2, 4, 6]
+    assert [m["ema_updates"] for m in rows] == [1, 2, 3] and all(m["ema_tau"] == 0.9 for m in rows)
+    torch.manual_seed(raw["train"]["seed"])  # the engine's initial weights
+    prefix = "objectives.objectives.0.projector."
+    teacher = {k[len(prefix):]: v.double() for k, v in build_model(config_from_dict(raw)).state_dict().items()
+               if k.startswith(prefix)}
+    for step in (1, 2, 3):
+        student, _ = ckpt_tensors(run.run_dir, step)
+        teacher = {k: 0.9 * v + 0.1 * student[prefix + k].double() for k, v in teacher.items()}
+    _, saved = ckpt_tensors(run.run_dir, 3)
+    assert int(saved["0.teacher._updates"]) == 3
+    assert max(float((saved[f"0.teacher.projector.{k}"].double() - v).abs().max()) for k, v in teacher.items()) < 1e-6

@@ -1,4 +1,6 @@
-"""Multi-crop sampling for VoCo (Wu, Zhuang, Chen, CVPR 2024): base crops on a grid + random crops + overlap targets.
+"""Multi-crop sampling: VoCo's base crops on a grid + random crops + overlap targets (Wu, Zhuang, Chen, CVPR 2024),
+DINO / iBOT's global and local random resized crops (`crop_boxes`, `resized_crops`) and SMIT / iBOT token masks
+(`token_masks`).
 
 Pure numpy, so the dataset can build VoCo items deterministically from its per-item generator
 (`numpy.random.default_rng([seed, epoch, index, stream])`):
@@ -111,3 +113,62 @@ def voco_sample(volume: np.ndarray, roi: int | Sequence[int], grid: int, n_rando
     base, rand = voco_windows(volume.shape[1:], roi, grid, n_random, rng)
     return {"voco_base": cut_windows(volume, base, roi), "voco_random": cut_windows(volume, rand, roi),
             "voco_targets": overlap_targets(rand, base, roi)}
+
+
+# ------------------------------------------------------------------------------------ DINO / iBOT multi-crop
+
+
+def crop_boxes(region_shape: Sequence[int], n: int, scale: Sequence[float], rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Start corners and sizes of n random boxes inside a region (DINO's random resized crop, cubic boxes).
+
+    Each box holds a volume fraction s ~ U(scale[0], scale[1]) of the region: its edge along axis a is
+    round(region_a * s ** (1 / dims)) (at least 1, at most region_a), its start uniform in [0, region_a - edge].
+    Draws per box, in order: s, then one start per axis. Returns (starts (n, dims), sizes (n, dims)) int64."""
+    region = np.asarray(region_shape, dtype=np.int64)
+    lo, hi = float(scale[0]), float(scale[1])
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"crop scale {list(scale)} must satisfy 0 < low <= high <= 1")
+    starts = np.zeros((n, len(region)), dtype=np.int64)
+    sizes = np.zeros((n, len(region)), dtype=np.int64)
+    for k in range(n):
+        side = float(rng.uniform(lo, hi)) ** (1.0 / len(region))
+        sizes[k] = np.clip(np.round(region * side), 1, region)
+        starts[k] = [rng.integers(0, r - s + 1) for r, s in zip(region.tolist(), sizes[k].tolist())]
+    return starts, sizes
+
+
+def resized_crops(region: np.ndarray, starts: np.ndarray, sizes: np.ndarray, out_size: Sequence[int]) -> np.ndarray:
+    """Boxes of a (C, *R) array resampled to `out_size` (trilinear / bilinear, as torch's interpolate with
+    align_corners False; a box already of that size is copied exactly): (n, C, *out_size) float32."""
+    import torch
+    import torch.nn.functional as F
+
+    out_size = tuple(int(s) for s in out_size)
+    mode = "trilinear" if len(out_size) == 3 else "bilinear"
+    crops = []
+    for st, sz in zip(starts, sizes):
+        box = region[(slice(None),) + tuple(slice(a, a + s) for a, s in zip(st.tolist(), sz.tolist()))]
+        box = np.ascontiguousarray(box, dtype=np.float32)
+        if tuple(box.shape[1:]) != out_size:
+            box = F.interpolate(torch.from_numpy(box)[None], size=out_size, mode=mode, align_corners=False)[0].numpy()
+        crops.append(box)
+    return np.stack(crops)
+
+
+def token_masks(grid: Sequence[int], n: int, ratio: Sequence[float], prob: float, rng: np.random.Generator
+                ) -> np.ndarray:
+    """n random masks over a grid of mask cells (SMIT / iBOT masked tokens): each is drawn with probability
+    `prob` (else all False) and then hides ceil(r * cells) cells chosen uniformly, r ~ U(ratio[0], ratio[1]).
+    Draws per mask, in order: the coin, r, a permutation of the cells (all three always drawn, so one mask's
+    outcome never moves the next one's draws). Returns (n, *grid) bool."""
+    grid = tuple(int(g) for g in grid)
+    cells = int(np.prod(grid))
+    out = np.zeros((n, cells), dtype=bool)
+    for k in range(n):
+        masked = rng.random() < prob
+        r = float(rng.uniform(ratio[0], ratio[1]))
+        order = rng.permutation(cells)
+        if masked:
+            out[k, order[: int(np.ceil(r * cells - 1e-9))]] = True
+    return out.reshape((n,) + grid)

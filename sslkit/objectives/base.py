@@ -11,10 +11,12 @@ from torch import nn
 
 @dataclass
 class ObjectiveOutput:
-    """loss: scalar tensor with grad; logs: floats for metrics.jsonl; embeddings: (B, D) for the collapse monitor."""
+    """loss: scalar tensor with grad; logs: metrics.jsonl values, floats or 0-d tensors (detached; keep them tensors
+    in forward: the engine reads a step's logs from the device at once, a float() per log would wait on the device
+    each micro-batch); embeddings: (B, D) for the collapse monitor."""
 
     loss: torch.Tensor
-    logs: dict[str, float] = field(default_factory=dict)
+    logs: dict[str, float | torch.Tensor] = field(default_factory=dict)
     embeddings: torch.Tensor | None = None
     # Optional extra: teacher embeddings aligned with `embeddings`, for the teacher-student cosine.
     teacher_embeddings: torch.Tensor | None = None
@@ -57,6 +59,8 @@ class Objective(nn.Module):
     on_optimizer_step(step, total_steps): called by the engine after each real optimizer step (never per
         micro-batch); teachers and schedules advance here.
     teachers(): EMA teachers kept outside the optimizer; the engine moves, gathers and checkpoints them.
+    data_requests(): what the data pipeline must put in each item (sslkit.data.pretrain, "Data requests").
+    check_config(cfg, index): checks against the rest of the recipe, before any scan is read.
     """
 
     name: str = "objective"
@@ -66,6 +70,16 @@ class Objective(nn.Module):
 
     def on_optimizer_step(self, step: int, total_steps: int) -> None:
         """Default: nothing to advance."""
+
+    def data_requests(self) -> dict:
+        """Data this objective reads, by request name (sslkit.data.pretrain, "Data requests"). Default: the crop
+        and its two augmented views, {"views": {}}."""
+        return {"views": {}}
+
+    def check_config(self, cfg, index: int) -> None:
+        """Check this objective against the rest of the pretraining config (`sslkit.config.Config`: data, model,
+        train) before any scan is read; raise ConfigError naming `objectives[index]` and the key to change.
+        Default: nothing to check."""
 
     def teachers(self) -> dict:
         """EMA teachers (sslkit.objectives.teacher.EMATeacher) this objective owns, by name. Default: none."""
@@ -88,6 +102,12 @@ class Objective(nn.Module):
         """Private random generators (CPU) this objective draws from, by name. The engine seeds them per rank and
         saves their states in checkpoints, so a resumed run continues the same streams. Default: none."""
         return {}
+
+
+def full_precision(device: torch.device):
+    """A region with autocast off (train.precision bf16): losses built on matmuls of embeddings (contrastive logits,
+    position logits) stay fp32, as their temperatures and small differences need; inputs must be .float()."""
+    return torch.autocast(device.type, enabled=False)
 
 
 def pooled(feature: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from lightly.loss import NegativeCosineSimilarity
 from torch import nn
 
 from sslkit.objectives.base import ForwardContext, Objective, ObjectiveOutput, pooled
@@ -20,9 +21,13 @@ from sslkit.objectives.teacher import EMATeacher
 from sslkit.objectives.views import CorruptionSpec, feature_key, shared_view
 
 
+_NEG_COS = NegativeCosineSimilarity(dim=-1)
+
+
 def byol_loss(q: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """2 - 2 cos(q, z) per sample, averaged: q, z (B, D); z is detached by the caller."""
-    return (2.0 - 2.0 * F.cosine_similarity(q, z, dim=-1)).mean()
+    """2 - 2 cos(q, z) per sample, averaged: q, z (B, D); z is detached by the caller. lightly's
+    NegativeCosineSimilarity gives -mean cos(q, z)."""
+    return 2.0 + 2.0 * _NEG_COS(q, z)
 
 
 @register_objective("byol")
@@ -65,7 +70,7 @@ class BYOL(Objective):
         q1, q2 = self.predictor(z1), self.predictor(z2)
         t1, t2 = self._teacher_embed(inputs[a]), self._teacher_embed(inputs[b])
         loss = 0.5 * (byol_loss(q1.float(), t2) + byol_loss(q2.float(), t1))
-        logs = {"cos_q_t": float(F.cosine_similarity(q1.detach().float(), t2, dim=-1).mean())}
+        logs = {"cos_q_t": F.cosine_similarity(q1.detach().float(), t2, dim=-1).mean()}
         return ObjectiveOutput(loss, logs, embeddings=z1.detach().float(), teacher_embeddings=t1)
 
     def on_optimizer_step(self, step: int, total_steps: int) -> None:

@@ -30,12 +30,12 @@ class Composite(Objective):
     def forward(self, batch: dict, encoder: nn.Module, ctx: ForwardContext | None = None) -> ObjectiveOutput:
         ctx = ctx or ForwardContext(batch, encoder)
         total: torch.Tensor | None = None
-        logs: dict[str, float] = {}
+        logs: dict = {}
         embeddings = teacher_embeddings = None
         for obj, w in zip(self.objectives, self.weights):
             out = obj(batch, encoder, ctx)
             total = w * out.loss if total is None else total + w * out.loss
-            logs[f"loss/{obj.name}"] = float(out.loss.detach())
+            logs[f"loss/{obj.name}"] = out.loss.detach()  # a tensor: the engine reads a step's logs at once
             logs.update({f"{obj.name}/{k}": v for k, v in out.logs.items()})
             if embeddings is None and out.embeddings is not None:
                 embeddings, teacher_embeddings = out.embeddings, out.teacher_embeddings
@@ -43,18 +43,28 @@ class Composite(Objective):
         return ObjectiveOutput(total, logs, embeddings, teacher_embeddings)
 
     def data_requests(self) -> dict:
-        """Merged data requests of the objectives (`sslkit.data.pretrain`): an objective without a
-        `data_requests()` method asks for the crop and its two views, {"views": {}}. ValueError when two
-        objectives ask for the same thing with different settings."""
+        """Merged data requests of the objectives (`Objective.data_requests`, `sslkit.data.pretrain`). ValueError
+        when two objectives ask for the same thing with different settings."""
         merged: dict = {}
         for obj in self.objectives:
-            own = obj.data_requests() if hasattr(obj, "data_requests") else {"views": {}}
-            for name, settings in own.items():
+            for name, settings in obj.data_requests().items():
                 if name in merged and merged[name] != settings:
                     raise ValueError(f"objectives ask for '{name}' data with different settings: "
                                      f"{merged[name]} and {settings}")
                 merged[name] = dict(settings)
         return merged
+
+    def check_config(self, cfg, index: int = 0) -> None:
+        """Every objective's `check_config` with its own index in cfg.objectives, and their data requests merged
+        (ConfigError when two ask for the same data with different settings)."""
+        from sslkit.errors import ConfigError
+
+        for i, obj in enumerate(self.objectives):
+            obj.check_config(cfg, i)
+        try:
+            self.data_requests()
+        except ValueError as e:
+            raise ConfigError(f"objectives: {e}") from None
 
     def on_optimizer_step(self, step: int, total_steps: int) -> None:
         for obj in self.objectives:

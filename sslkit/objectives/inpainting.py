@@ -60,5 +60,5 @@ class Inpainting(Objective):
             losses.append(l1_loss(rec, v[f"{k}_target"], v[f"{k}_mask"] if self.masked_only else None))
             first = pooled(deep) if first is None else first
         loss = torch.stack(losses).mean()
-        cut = float(v[f"{self.keys[0]}_mask"].float().mean())
+        cut = v[f"{self.keys[0]}_mask"].float().mean()
         return ObjectiveOutput(loss, {"cut_fraction": cut}, first.detach())

@@ -58,6 +58,12 @@ class PromptSegmentation(Objective):
         self.gamma = gamma
         self.image_key, self.label_key = image_key, label_key
 
+    def check_config(self, cfg, index: int) -> None:
+        """The labelled crops come from data.with_labels (unless label_key names another batch key)."""
+        if self.label_key == "label" and not cfg.data.with_labels:
+            raise ConfigError(f"objectives[{index}]: prompt_segmentation needs labelled crops; set data.with_labels: "
+                              f"true (and a datalist whose entries carry 'label')")
+
     def forward(self, batch: dict, encoder: nn.Module, ctx: ForwardContext | None = None) -> ObjectiveOutput:
         if self.label_key not in batch:
             raise ConfigError(f"objectives: prompt_segmentation needs labelled crops, but the batch has no "

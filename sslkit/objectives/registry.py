@@ -1,17 +1,17 @@
-"""Name -> Objective class registry, filled as objective modules are imported."""
+"""Name -> Objective class registry, filled as the modules of sslkit.objectives are imported (all of them, found
+by pkgutil: an objective is one file that registers its class)."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
+import sys
 
 from sslkit.errors import ConfigError, closest
 
 _OBJECTIVES: dict[str, type] = {}
-_MODULES = ("byol", "simclr", "rotation", "inpainting", "simmim", "mae", "emix", "shed", "cpa",
-            "prompt_segmentation",
-            "voco",
-            "models_genesis")
+_LOADED = False
 
 
 def register_objective(name: str):
@@ -24,13 +24,13 @@ def register_objective(name: str):
 
 
 def _load_all() -> None:
-    for mod in _MODULES:
-        full = f"sslkit.objectives.{mod}"
-        try:
-            importlib.import_module(full)
-        except ModuleNotFoundError as e:  # objective not written yet
-            if e.name != full:
-                raise
+    global _LOADED
+    if _LOADED:
+        return
+    package = sys.modules[__package__]  # sslkit.objectives, imported before any of its modules
+    for info in pkgutil.iter_modules(package.__path__, __package__ + "."):
+        importlib.import_module(info.name)
+    _LOADED = True
 
 
 def objective_names() -> list[str]:

@@ -49,4 +49,4 @@ class Rotation(Objective):
             accs.append((logits.argmax(1) == v[f"{k}_rot"]).float().mean())
             first = h if first is None else first
         loss = torch.stack(losses).mean()
-        return ObjectiveOutput(loss, {"acc": float(torch.stack(accs).mean())}, first.detach())
+        return ObjectiveOutput(loss, {"acc": torch.stack(accs).mean()}, first.detach())

@@ -1,73 +1,47 @@
-"""SimCLR (Chen et al. 2020): NT-Xent over two views with negatives gathered from all ranks."""
+"""SimCLR (Chen et al. 2020): NT-Xent over two views with negatives gathered from all ranks, on lightly's NTXentLoss.
+
+With u = normalise(z), queries q = [u_1; u_2] (2N on this rank) and keys k = [u_1_all; u_2_all] (2NW, gathered over
+W ranks with gather_distributed, whose backward keeps this rank's slice), every query has one positive (its other
+view) and 2NW - 2 negatives (all other keys but itself):
+    loss = mean_i -log( exp(q_i . k_pos(i) / t) / sum_{j != self(i)} exp(q_i . k_j / t) )
+With DDP's gradient averaging, a step on W ranks equals one process on the concatenated batch.
+"""
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from lightly.loss import NTXentLoss as LightlyNTXentLoss
+from lightly.utils import dist as lightly_dist
 from torch import nn
 
-from sslkit.objectives.base import ForwardContext, Objective, ObjectiveOutput, pooled
+from sslkit.objectives.base import ForwardContext, Objective, ObjectiveOutput, full_precision, pooled
 from sslkit.objectives.heads import MLPHead
 from sslkit.objectives.registry import register_objective
 from sslkit.objectives.views import CorruptionSpec, feature_key, shared_view
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+class NTXentLoss(LightlyNTXentLoss):
+    """lightly's NTXentLoss (in-batch negatives, gathered from all ranks with gather_distributed) without its boolean
+    indexing `logits[~diag_mask]`, which waits on the device at every call on a GPU: a query's similarity to itself
+    is set to -inf instead of removed, which leaves every row's softmax, and so the loss, unchanged.
+    out0, out1 (N, D) -> scalar."""
 
+    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False):
+        super().__init__(temperature, memory_bank_size=0, gather_distributed=gather_distributed)
 
-def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate x (N, D) from all ranks -> (N * W, D) and this rank's index. Backward all-reduces the
-    gradient of the gathered tensor and keeps this rank's slice (lightly's GatherLayer), so with the usual
-    DDP gradient averaging the step equals the single-process step over the concatenated batch."""
-    if not _distributed():
-        return x, 0
-    from lightly.utils.dist import gather
-
-    return torch.cat(gather(x), 0), dist.get_rank()
-
-
-class NTXentLoss(nn.Module):
-    """Normalised temperature-scaled cross entropy (NT-Xent, SimCLR).
-
-    z0, z1: (N, D) projections of two views of the same N samples on this rank. With u = normalise(z),
-    queries q = [u0; u1] (2N local) and keys k = [u0_all; u1_all] (2NW, gathered over W ranks when
-    `gather_distributed`), every query i has one positive (its other view) and 2NW - 2 negatives (all other
-    keys but itself):
-        loss = mean_i  -log( exp(q_i . k_pos(i) / t) / sum_{j != self(i)} exp(q_i . k_j / t) )
-    Equals lightly's NTXentLoss(temperature, gather_distributed).
-        loss_fn = NTXentLoss(temperature=0.5)
-        loss = loss_fn(torch.randn(4, 128), torch.randn(4, 128))
-    """
-
-    def __init__(self, temperature: float = 0.5, gather_distributed: bool = True):
-        super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
-        self.temperature = temperature
-        self.gather_distributed = gather_distributed
-
-    def forward(self, z0: torch.Tensor, z1: torch.Tensor) -> torch.Tensor:
-        n = z0.shape[0]
-        u0, u1 = F.normalize(z0.float(), dim=1), F.normalize(z1.float(), dim=1)
-        if self.gather_distributed:
-            u0_all, rank = gather_with_grad(u0)
-            u1_all, _ = gather_with_grad(u1)
+    def forward(self, out0: torch.Tensor, out1: torch.Tensor) -> torch.Tensor:
+        n = out0.shape[0]
+        u0, u1 = F.normalize(out0, dim=1), F.normalize(out1, dim=1)
+        if self.gather_distributed and lightly_dist.world_size() > 1:
+            k0, k1 = torch.cat(lightly_dist.gather(u0), 0), torch.cat(lightly_dist.gather(u1), 0)  # (N W, D)
+            itself, first = lightly_dist.eye_rank(n, device=u0.device), lightly_dist.rank() * n  # (N, N W)
         else:
-            u0_all, u1_all, rank = u0, u1, 0
-        m = u0_all.shape[0]  # N * W
-        q = torch.cat([u0, u1], 0)  # (2N, D)
-        k = torch.cat([u0_all, u1_all], 0)  # (2NW, D)
-        logits = q @ k.T / self.temperature  # (2N, 2NW)
-        local = torch.arange(n, device=q.device) + rank * n  # this rank's rows in the gathered keys
-        self_idx = torch.cat([local, local + m])
-        pos_idx = torch.cat([local + m, local])
-        rows = torch.arange(2 * n, device=q.device)
-        is_self = torch.zeros_like(logits, dtype=torch.bool)
-        is_self[rows, self_idx] = True
-        logits = logits.masked_fill(is_self, float("-inf"))
-        return F.cross_entropy(logits, pos_idx)
+            k0, k1, itself, first = u0, u1, torch.eye(n, dtype=torch.bool, device=u0.device), 0
+        logits = torch.cat([torch.cat([u0 @ k1.T, (u0 @ k0.T).masked_fill(itself, -torch.inf)], 1),
+                            torch.cat([u1 @ k0.T, (u1 @ k1.T).masked_fill(itself, -torch.inf)], 1)]) / self.temperature
+        labels = (torch.arange(n, device=u0.device) + first).repeat(2)  # the positive: the other view's key
+        return self.cross_entropy(logits, labels)
 
 
 @register_objective("simclr")
@@ -93,8 +67,10 @@ class SimCLR(Objective):
         self.keys = tuple(keys)
         if len(self.keys) != 2:
             raise ValueError(f"keys must name two batch views, got {list(keys)}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
         self.head = MLPHead(encoder.out_channels, hidden_dim, out_dim, head_norm)
-        self.loss_fn = NTXentLoss(temperature, gather_distributed)
+        self.loss_fn = NTXentLoss(temperature, gather_distributed=gather_distributed)
 
     def forward(self, batch: dict, encoder: nn.Module, ctx: ForwardContext | None = None) -> ObjectiveOutput:
         ctx = ctx or ForwardContext(batch, encoder)
@@ -105,5 +81,7 @@ class SimCLR(Objective):
             v = shared_view(ctx, self.view, self.spec, check=("keys",))
             ha = pooled(ctx.features(feature_key(self.view, a), v[a])[-1])  # (B, C_deep)
             hb = pooled(ctx.features(feature_key(self.view, b), v[b])[-1])
-        loss = self.loss_fn(self.head(ha), self.head(hb))
+        za, zb = self.head(ha), self.head(hb)
+        with full_precision(za.device):  # the similarity logits (1 / temperature) in fp32 under bf16
+            loss = self.loss_fn(za.float(), zb.float())
         return ObjectiveOutput(loss, {}, ha.detach())

@@ -45,6 +45,14 @@ class EMATeacher:
         self.gather: Callable[[list[nn.Parameter]], contextlib.AbstractContextManager] = (
             lambda params: contextlib.nullcontext())
 
+    def add(self, name: str, student: nn.Module) -> None:
+        """Follow one more student module (a head built after the teacher), as the constructor does."""
+        self.students[name] = student
+        copy_ = copy.deepcopy(student).float()
+        for p in copy_.parameters():
+            p.requires_grad_(False)
+        self.modules[name] = copy_
+
     def __getitem__(self, name: str) -> nn.Module:
         return self.modules[name]
 
