@@ -7,16 +7,22 @@ One implementation for any number of spatial dims. Tensors inside the blocks are
   effective_window                    clip the window to the feature size (shift 0 on that axis)
   shift_mask                          (nW, N, N) additive mask, 0 within a region, -inf across regions
   relative_position_index             (N, N) index into a (2w-1)^dims relative position bias table
-  WindowAttention                     self or cross attention over windows through
-                                      `F.scaled_dot_product_attention`, relative bias + shift mask in attn_mask
+  attend_windows                      softmax(q kᵀ·scale + bias + shift mask) v, through SDPA (bias and mask
+                                      merged into one attn_mask) or FlexAttention (bias as a score_mod, the
+                                      shift mask as a block mask)
+  WindowAttention                     self or cross attention over windows (attend_windows), relative bias
   shifted_window_attention            pad -> cyclic shift -> partition (one gather) -> attention -> gather back
 
-QT-UNet uses them; PUNet can reuse them (subclass WindowAttention to add prompt tokens or another bias).
+QT-UNet uses them; PUNet can reuse them (subclass WindowAttention to add prompt tokens or another bias); the
+Swin-UNETR encoder runs MONAI's window attention weights through attend_windows.
+
+The constant tensors (shift masks, gather indices, relative position indices) are cached per device in eager
+mode; under torch.compile they are built inside the graph instead (no cache lookups, no data-dependent shapes),
+so every model that uses this module compiles with fullgraph=True.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from typing import Sequence
@@ -79,10 +85,10 @@ def effective_window(spatial: Sequence[int], window: Sequence[int],
     return tuple(win), tuple(sh)
 
 
-@functools.lru_cache(maxsize=64)
-def _region_labels(spatial: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...]) -> torch.Tensor:
-    """(nW, N) region id of every token of every window of a cyclically shifted map (CPU)."""
-    img = torch.zeros(1, *spatial, 1, device="cpu")  # explicit: callers may run under a meta device
+def _region_labels(spatial: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...],
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """(nW, N) region id of every token of every window of a cyclically shifted map."""
+    img = torch.zeros(1, *spatial, 1, device=device)  # explicit device: callers may run under a meta device
     per_axis = []
     for w, k in zip(window, shift):
         per_axis.append((slice(0, -w), slice(-w, -k), slice(-k, None)) if k > 0 else (slice(None),))
@@ -91,22 +97,27 @@ def _region_labels(spatial: tuple[int, ...], window: tuple[int, ...], shift: tup
     return window_partition(img, window).squeeze(-1)  # (nW, N)
 
 
-@functools.lru_cache(maxsize=64)
-def _shift_mask_cpu(spatial: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...]) -> torch.Tensor:
-    labels = _region_labels(spatial, window, shift)
+def _make_shift_mask(spatial: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...],
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    labels = _region_labels(spatial, window, shift, device)
     other = labels[:, :, None] != labels[:, None, :]  # (nW, N, N) True where query and key differ in region
-    return torch.zeros(other.shape, device="cpu").masked_fill(other, float("-inf"))
+    return torch.zeros(other.shape, device=device).masked_fill(other, float("-inf"))
 
 
 _DEVICE_CACHE: dict[tuple, torch.Tensor] = {}
 
 
 def _on_device(key: tuple, make, device: torch.device) -> torch.Tensor:
-    """Keep one copy per device of a small constant tensor built on the CPU."""
+    """Keep one copy per device of a small constant tensor; make(device) builds it (on the CPU, then copied).
+
+    Under torch.compile the tensor is built in the graph on the target device: dynamo would graph-break on a
+    cache miss, and a guard on the cache's contents would recompile once it fills."""
+    if torch.compiler.is_compiling():
+        return make(device)
     k = key + (str(device),)
     t = _DEVICE_CACHE.get(k)
     if t is None:
-        t = make().to(device)
+        t = make("cpu").to(device)
         if len(_DEVICE_CACHE) > 256:
             _DEVICE_CACHE.clear()
         _DEVICE_CACHE[k] = t
@@ -121,24 +132,121 @@ def shift_mask(spatial: Sequence[int], window: Sequence[int], shift: Sequence[in
     spatial, window, shift = tuple(spatial), tuple(window), tuple(shift)
     if not any(shift):
         return None
-    return _on_device(("mask", spatial, window, shift), lambda: _shift_mask_cpu(spatial, window, shift),
-                      torch.device(device))
+    return _on_device(("mask", spatial, window, shift),
+                      lambda dev: _make_shift_mask(spatial, window, shift, dev), torch.device(device))
 
 
-@functools.lru_cache(maxsize=64)
-def relative_position_index(window: tuple[int, ...], table_window: tuple[int, ...]) -> torch.Tensor:
+def relative_position_index(window: tuple[int, ...], table_window: tuple[int, ...],
+                            device: torch.device | str = "cpu") -> torch.Tensor:
     """(N, N) long index into a relative position bias table of prod(2 * table_window - 1) rows.
 
     `window` may be smaller than `table_window` (a window clipped to a small feature map): the offsets
     (-(w-1) .. w-1) are placed at their true position in the larger table.
     """
-    coords = torch.stack(torch.meshgrid(*[torch.arange(w, device="cpu") for w in window],
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w, device=device) for w in window],
                                        indexing="ij")).flatten(1)  # (n, N)
     rel = coords[:, :, None] - coords[:, None, :]  # (n, N, N), offsets query - key
-    index = torch.zeros(rel.shape[1:], dtype=torch.long, device="cpu")
+    index = torch.zeros(rel.shape[1:], dtype=torch.long, device=device)
     for axis, tw in enumerate(table_window):
         index = index * (2 * tw - 1) + rel[axis] + (tw - 1)
     return index
+
+
+ATTENTION_BACKENDS = ("sdpa", "flex")
+
+
+def check_attention_backend(backend: str) -> str:
+    """The backend name, or a ConfigError naming the builder option."""
+    if backend not in ATTENTION_BACKENDS:
+        from sslkit.errors import ConfigError
+
+        raise ConfigError(f"model.args.attention: '{backend}' is not one of {', '.join(ATTENTION_BACKENDS)}")
+    if backend == "flex" and not _has_flex_attention():
+        from sslkit.errors import ConfigError
+
+        raise ConfigError(f"model.args.attention: flex needs torch.nn.attention.flex_attention (torch >= 2.5; "
+                          f"this is torch {torch.__version__})")
+    return backend
+
+
+def _has_flex_attention() -> bool:
+    try:
+        import torch.nn.attention.flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> int:
+    """Route every window attention of `model` (modules with an `attention_backend` attribute: WindowAttention,
+    the Swin-UNETR encoder's MONAI attention) through `backend`; returns how many."""
+    check_attention_backend(backend)
+    units = [m for m in model.modules() if isinstance(getattr(m, "attention_backend", None), str)]
+    for m in units:
+        m.attention_backend = backend
+    return len(units)
+
+
+def attend_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
+                   mask: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
+                   backend: str = "sdpa") -> torch.Tensor:
+    """softmax(q kᵀ · scale + bias + mask) v over windows.
+
+    q (B_, h, N, d), k and v (B_, h, M, d) with B_ = B · nW windows, batch-major; bias (h, N, M) (relative
+    position bias); mask (nW, N, M) additive, 0 within a region and -inf across (shifted windows), or None.
+    Returns (B_, h, N, d).
+      sdpa: bias and mask merged into one attn_mask for F.scaled_dot_product_attention (fused kernels on the
+            CPU and the GPU; a 4-D stride-0 mask keeps the CPU's fused kernel available, a 3-D one does not).
+            On the CPU with the bias under autograd (training) SDPA has no fused kernel and would take its
+            math path, which is slower than the plain formula: that case computes the formula itself.
+      flex: FlexAttention, the bias as a score_mod and the shift mask as a block mask. torch has no flex backward
+            on the CPU: there it serves inference only; training needs CUDA (and torch.compile to be fast).
+    """
+    if backend == "flex":
+        if dropout_p:
+            raise ValueError("attention dropout is not supported by the flex backend")
+        return _attend_flex(q, k, v, bias, mask, scale)
+    if q.device.type == "cpu" and bias.requires_grad and torch.is_grad_enabled():
+        return _attend_formula(q, k, v, bias, mask, scale, dropout_p)
+    bw = q.shape[0]
+    if mask is None:
+        attn_mask = bias.unsqueeze(0).expand(bw, *bias.shape)
+    else:
+        nw = mask.shape[0]
+        merged = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)  # (nW, h, N, M)
+        attn_mask = merged.unsqueeze(0).expand(bw // nw, *merged.shape).reshape(bw, *merged.shape[1:])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=dropout_p,
+                                          scale=scale)
+
+
+def _attend_formula(q, k, v, bias, mask, scale, dropout_p):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (q * scale) @ k.transpose(-2, -1) + bias  # (B_, h, N, M)
+    if mask is not None:  # windows batch-major: (B, nW, h, N, M) + (nW, 1, N, M), no copy of the mask per sample
+        nw = mask.shape[0]
+        logits = (logits.view(-1, nw, *logits.shape[1:]) + mask.unsqueeze(1).to(logits.dtype)).flatten(0, 1)
+    weights = F.dropout(logits.softmax(-1), dropout_p) if dropout_p else logits.softmax(-1)
+    return weights.to(v.dtype) @ v
+
+
+def _attend_flex(q, k, v, bias, mask, scale):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    bias = bias.to(q.dtype)
+
+    def add_bias(score, b, head, q_idx, kv_idx):
+        return score + bias[head, q_idx, kv_idx]
+
+    block_mask = None
+    if mask is not None:
+        nw = mask.shape[0]
+        same_region = mask == 0  # (nW, N, M)
+
+        def in_region(b, head, q_idx, kv_idx):
+            return same_region[b % nw, q_idx, kv_idx]
+
+        block_mask = create_block_mask(in_region, q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+    return flex_attention(q, k, v, score_mod=add_bias, block_mask=block_mask, scale=scale)
 
 
 class WindowAttention(nn.Module):
@@ -147,7 +255,7 @@ class WindowAttention(nn.Module):
     Self attention: q, k, v = Linear(x). Cross attention (`cross=True`): q = Linear(x), k, v = Linear(context)
     with its own layers, so a decoder can query an encoder tensor windowed the same way.
 
-        out = softmax(q kᵀ / sqrt(d) + B_rel + M_shift) v        (computed by SDPA, B_rel + M_shift = attn_mask)
+        out = softmax(q kᵀ / sqrt(d) + B_rel + M_shift) v        (attend_windows: SDPA, or FlexAttention)
 
     Shapes: x (B_, N, C) windowed tokens, B_ = B * nW (batch-major); context (B_, N, C); mask (nW, N, N) or None.
     The bias table has prod(2 * w - 1) rows (w = `window_size`, the largest window) and one column per head.
@@ -159,7 +267,7 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], qkv_bias: bool = True,
                  cross: bool = False, zero_init_bias: bool = False, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0):
+                 proj_drop: float = 0.0, backend: str = "sdpa"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
@@ -169,6 +277,7 @@ class WindowAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.window_size = tuple(window_size)
         self.cross = cross
+        self.attention_backend = check_attention_backend(backend)
         if cross:
             self.q = nn.Linear(dim, dim, bias=qkv_bias)
             self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
@@ -187,20 +296,9 @@ class WindowAttention(nn.Module):
         window = tuple(window)
         table = self.relative_position_bias_table
         idx = _on_device(("rpi", window, self.window_size),
-                         lambda: relative_position_index(window, self.window_size), table.device)
+                         lambda dev: relative_position_index(window, self.window_size, dev), table.device)
         n = idx.shape[0]
         return table[idx.view(-1)].view(n, n, self.num_heads).permute(2, 0, 1)  # (h, N, N)
-
-    def attn_mask(self, window: Sequence[int], mask: torch.Tensor | None, batch_windows: int) -> torch.Tensor:
-        """Relative bias and shift mask merged into one SDPA attn_mask: (h, N, N) or (B_, h, N, N)."""
-        bias = self.relative_bias(window)  # (h, N, N)
-        if mask is None:
-            # a 4-D (stride-0) mask keeps SDPA's fused CPU kernel available; a 3-D one falls back to the math path
-            return bias.unsqueeze(0).expand(batch_windows, *bias.shape)
-        nw = mask.shape[0]
-        merged = bias.unsqueeze(0) + mask.unsqueeze(1).to(bias.dtype)  # (nW, h, N, N)
-        b = batch_windows // nw
-        return merged.unsqueeze(0).expand(b, *merged.shape).reshape(batch_windows, *merged.shape[1:])
 
     def project_qkv(self, x: torch.Tensor, context: torch.Tensor | None = None):
         """(B_, N, C) -> q, k, v each (B_, h, N, d)."""
@@ -220,10 +318,8 @@ class WindowAttention(nn.Module):
         window = tuple(window) if window is not None else self.window_size
         b, n, c = x.shape
         q, k, v = self.project_qkv(x, context)  # (B_, h, N, d)
-        attn_mask = self.attn_mask(window, mask, b).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                             dropout_p=self.attn_drop if self.training else 0.0,
-                                             scale=self.scale)  # (B_, h, N, d)
+        out = attend_windows(q, k, v, self.relative_bias(window), mask, self.scale,
+                             self.attn_drop if self.training else 0.0, self.attention_backend)  # (B_, h, N, d)
         out = out.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(out))
 
@@ -240,22 +336,22 @@ def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int], value: float = 0) 
     return F.pad(x, spec, value=value)
 
 
-@functools.lru_cache(maxsize=64)
-def _window_gather_cpu(spatial: tuple[int, ...], window: tuple[int, ...],
-                       shift: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def _window_gather(spatial: tuple[int, ...], window: tuple[int, ...], shift: tuple[int, ...],
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Flat indices that do pad + cyclic shift + partition in one gather, and undo them in another.
 
     idx (L_pad,): windowed position j takes token idx[j] of the flat map (L = padding row, zeros);
     inv (L,): token i of the flat map sits at windowed position inv[i].
     """
     n_tok = math.prod(spatial)
-    ids = torch.arange(n_tok, device="cpu").view(1, *spatial, 1)
+    ids = torch.arange(n_tok, device=device).view(1, *spatial, 1)
     ids = pad_to_multiple(ids, window, value=n_tok)  # padding points to the zero row
     ids = torch.roll(ids, [-k for k in shift], list(range(1, len(spatial) + 1)))
     idx = window_partition(ids, window).reshape(-1)  # (L_pad,)
-    inv = torch.empty(n_tok, dtype=torch.long, device="cpu")
-    keep = idx < n_tok
-    inv[idx[keep]] = torch.arange(idx.numel(), device="cpu")[keep]
+    # scatter, not a boolean selection (no data-dependent shape under torch.compile): every padding position
+    # writes to the extra slot n_tok, which is dropped
+    positions = torch.arange(idx.numel(), device=device)
+    inv = torch.zeros(n_tok + 1, dtype=torch.long, device=device).scatter(0, idx, positions)[:n_tok]
     return idx, inv
 
 
@@ -275,8 +371,8 @@ def shifted_window_attention(attn: WindowAttention, x: torch.Tensor, window: Seq
     if context is not None and tuple(context.shape[1:-1]) != spatial:
         raise ValueError(f"context spatial size {tuple(context.shape[1:-1])} != query size {spatial}")
     key = ("gather", spatial, window, shift)
-    idx = _on_device(key + ("idx",), lambda: _window_gather_cpu(spatial, window, shift)[0], x.device)
-    inv = _on_device(key + ("inv",), lambda: _window_gather_cpu(spatial, window, shift)[1], x.device)
+    idx = _on_device(key + ("idx",), lambda dev: _window_gather(spatial, window, shift, dev)[0], x.device)
+    inv = _on_device(key + ("inv",), lambda dev: _window_gather(spatial, window, shift, dev)[1], x.device)
     n = math.prod(window)
     need_pad = padded != spatial
 
