@@ -76,16 +76,36 @@ def test_grid_order_cell_keys_and_arguments():
 
 
 def test_cli_parser_has_help_on_every_option():
-    import argparse
+    from sslkit.cli import build_parser, cmd_study
 
-    parser = argparse.ArgumentParser(prog="sslkit")
-    p = S.add_study_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
+    p = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "study")[1]
     for action in p._actions:
         assert action.help, action.dest
     a = parser.parse_args(["study", "--cfg", "r.yaml", "--encoder", "b=x", "--scratch", "--budgets", "1,2",
-                           "--out", "o", "--set", "train.max_steps=3"])
-    assert a.func is S.cmd_study and a.encoder == ["b=x"] and a.seeds == "0,1,2"
+                           "--out", "o", "--set", "train.max_steps=3", "--schedule", "f=adapt.warmup_frozen_steps=2"])
+    assert a.func is cmd_study and a.encoder == ["b=x"] and a.seeds == "0,1,2"
     assert a.overrides == ["train.max_steps=3"] and a.jobs == 1
+    assert S.parse_schedules(a.schedule + ["plain=", "ld=optim.layer_decay=0.5,adapt.encoder_lr_scale=0.2"]) == {
+        "f": ["adapt.warmup_frozen_steps=2"], "plain": [],
+        "ld": ["optim.layer_decay=0.5", "adapt.encoder_lr_scale=0.2"]}
+    from sslkit.errors import ConfigError
+
+    for bad in (["noequals"], ["x=novalue"], ["a=k=1", "a=k=2"]):
+        with pytest.raises(ConfigError):
+            S.parse_schedules(bad)
+
+
+def test_mean_ranks_and_probe_agreement_by_hand():
+    means = {("scratch", 1): 0.50, ("byol", 1): 0.70, ("mg", 1): 0.60,
+             ("scratch", 2): 0.80, ("byol", 2): 0.78, ("mg", 2): 0.79}
+    rows = [{"encoder": a, "budget": b, "seed": s, "mean_dice": m + 0.01 * (s - 1)}
+            for (a, b), m in means.items() for s in (0, 1, 2)]
+    # budget 1: byol 1, mg 2, scratch 3; budget 2: scratch 1, mg 2, byol 3
+    assert S.mean_ranks(rows) == {"byol": 2.0, "mg": 2.0, "scratch": 2.0}
+    agree = S.probe_agreement(rows, {"scratch": 0.1, "mg": 0.2, "byol": 0.3})
+    assert agree.per_budget == {1: pytest.approx(1.0), 2: pytest.approx(-1.0)} and agree.mean == pytest.approx(0.0)
+    assert S.probe_agreement(rows, {"byol": 0.3, "mg": 0.2}) is None   # two arms: no ranking to compare
 
 
 # ------------------------------------------------------------------------------------------ a tiny real study
@@ -258,3 +278,34 @@ def test_tiny_study_writes_its_report_and_resumes_without_redoing_finished_cells
 
     with pytest.raises(UserError, match="other weights"):
         S.run_study(recipe, {"rand": str(other)}, True, [1, 2], [0, 1], out, progress=False)
+
+
+def test_study_stopped_while_a_cell_evaluates_exits_75_with_its_report(demo_dir, tmp_path):
+    """SIGTERM during a cell's evaluation: the evaluation ends, the report of the finished cells is written, the
+    next cell never starts, exit 75 and one line saying how to continue."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, job_env
+    from sslkit.data.demo import build_mni_slabs
+
+    enc = _tiny_encoder(tmp_path / "enc.safetensors")
+    recipe = _tiny_recipe(tmp_path / "study.yaml", build_mni_slabs(demo_dir))
+    out = tmp_path / "study"
+    script = ("import os, signal, sys\n"
+              "from sslkit.downstream import evaluate as E\n"
+              "real = E.evaluate\n"
+              "def evaluate(*a, **k):\n"
+              "    os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return real(*a, **k)\n"
+              "E.evaluate = evaluate\n"
+              "from sslkit.cli import main\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    res = subprocess.run([sys.executable, "-c", script, "study", "--cfg", str(recipe), "--encoder", f"rand={enc}",
+                          "--budgets", "1", "--seeds", "0,1", "--out", str(out), "--no-progress"],
+                         capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO,
+                         env=job_env())
+    assert res.returncode == 75, res.stderr[-2000:]
+    assert "study stopped by SIGTERM" in res.stderr and "run the same command again" in res.stderr
+    assert (out / "rand" / "b1_s0" / "eval" / "metrics.json").is_file() and not (out / "rand" / "b1_s1").exists()
+    assert "rand/b1_s0" in (out / "study.csv").read_text(encoding="utf-8")

@@ -21,6 +21,8 @@ InVesalius CT and Colin27 are required; the other sources are skipped when absen
 
 Downstream demo layouts are written from the same sources (`build_mni_gm_wm`, `build_mni_acdc`,
 `build_ct_head_halves`): one scan split at the midline into a left half (training) and a right half (validation).
+`build_mni_slabs` cuts the MNI152 left hemisphere into cases for the grey / white matter study; `build_brain_regions`
+writes `regions/`: AAL regions merged into 6 structures, trained on Colin27 and validated on the MNI152 T1.
 """
 
 from __future__ import annotations
@@ -291,9 +293,11 @@ def build_demo_corpus(out_dir: Path) -> Path:
 
 
 def _downstream_demos(out: Path) -> None:
-    """The downstream demo layouts written from the corpus (hemispheres, the slab study's cases), once."""
+    """The downstream demo layouts written from the corpus (hemispheres, the slab studies' cases), once."""
     if (out / "mri_mni152_t1.nii.gz").is_file():
         build_mni_slabs(out)
+        if (out / "mri_colin27_aal.nii.gz").is_file() and COLIN27_BRAIN.is_file() and AAL_NAMES.is_file():
+            build_brain_regions(out)
 
 
 # ------------------------------------------------------------------------------------ downstream demo layouts
@@ -443,3 +447,177 @@ def build_mni_slabs(root: str | Path, n_slabs: int = 6) -> Path:
                           "hemisphere (validation); labels 0 background, 1 grey matter, 2 white matter",
            "training": training, "validation": [right]}
     return write_datalist(doc, datalist)
+
+
+# ------------------------------------------------------------------------------------ brain regions demo
+
+REGIONS_DIR = "regions"
+REGIONS_SLABS = "slabs"
+# The 6 structures (label 1..6), both hemispheres in one label: left / right mirror flips stay label-preserving.
+REGION_NAMES = ("frontal", "parietal", "temporal", "occipital", "cerebellum", "deep_grey")
+COLIN27_BRAIN = COLIN27_DIR / "ch2bet.nii.gz"   # Colin27 brain-extracted (MRIcron, same grid as ch2)
+AAL_NAMES = COLIN27_DIR / "aal.nii.txt"          # "index name code" per line, e.g. "1 Precentral_L 2001"
+
+
+def aal_structure(code: int) -> int:
+    """The merged structure (1..6, REGION_NAMES order) of an AAL region by its atlas code: the thousands digit is
+    the group (2 frontal, 3 insula, 4 limbic, 5 occipital, 6 parietal, 7 deep grey, 8 temporal, 9 cerebellum).
+    Insula and the medial temporal limbic regions (hippocampus, parahippocampal, amygdala: 41xx, 42xx) join the
+    temporal lobe; the cingulum joins the lobe it lies under (anterior / middle 400x-401x frontal, posterior 402x
+    parietal)."""
+    if 4000 <= code < 4020:
+        return 1
+    if 4020 <= code < 4100:
+        return 2
+    group = {2: 1, 6: 2, 3: 3, 4: 3, 8: 3, 5: 4, 9: 5, 7: 6}
+    if code // 1000 not in group:
+        raise DataError(f"{AAL_NAMES}: AAL code {code} is in no known group")
+    return group[code // 1000]
+
+
+def _aal_lookup(names_file: Path = AAL_NAMES) -> np.ndarray:
+    """uint8 lookup table: AAL voxel value -> merged structure (0 stays background)."""
+    if not names_file.is_file():
+        raise DataError(f"{names_file}: AAL region list missing (apt-get install mricron-data)")
+    lut = np.zeros(256, dtype=np.uint8)
+    for line in names_file.read_text(encoding="utf-8").splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            lut[int(parts[0])] = aal_structure(int(parts[2]))
+    return lut
+
+
+def fill_by_nearest_label(label: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Every voxel of `mask` takes the label of the nearest labelled voxel (Euclidean, voxel units); 0 outside."""
+    from scipy import ndimage
+
+    nearest = ndimage.distance_transform_edt(label == 0, return_distances=False, return_indices=True)
+    return (label[tuple(nearest)] * mask).astype(np.uint8)
+
+
+def carry_labels(label: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
+                 dst_shape: tuple[int, ...]) -> np.ndarray:
+    """`label` resampled onto another grid by nearest neighbour in world (mm) coordinates (0 outside its grid)."""
+    from scipy import ndimage
+
+    dst_to_src = np.linalg.solve(src_affine, dst_affine)  # destination voxel -> source voxel
+    return ndimage.affine_transform(label, dst_to_src[:3, :3], offset=dst_to_src[:3, 3], output_shape=dst_shape,
+                                    order=0, mode="constant", cval=0).astype(np.uint8)
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
+
+
+def carried_fit(carried: np.ndarray, brain: np.ndarray, gm_wm: np.ndarray) -> dict:
+    """How well labels carried from another brain fit this one: the fraction of carried labelled voxels inside
+    its brain (image > 0) and inside its grey + white matter, and the Dice of the carried labelled mask with each."""
+    lab = carried > 0
+    n = max(int(lab.sum()), 1)
+    return {"inside_brain": float((lab & brain).sum() / n), "inside_gm_wm": float((lab & gm_wm).sum() / n),
+            "dice_brain": _dice(lab, brain), "dice_gm_wm": _dice(lab, gm_wm)}
+
+
+def _region_maps(root: Path) -> dict:
+    """Colin27's brain image and merged region map, and the map carried onto the MNI152 grid, with its fit."""
+    import nibabel as nib
+    from scipy import ndimage
+
+    for f in (root / "mri_colin27_t1.nii.gz", root / "mri_colin27_aal.nii.gz", root / "mri_mni152_t1.nii.gz",
+              root / "mri_mni152_gmwm.nii.gz", COLIN27_BRAIN):
+        if not f.is_file():
+            raise DataError(f"{f}: missing (the brain regions demo needs the demo corpus's Colin27 + AAL and "
+                            "MNI152 scans, `sslkit data demo`, and mricron-data's ch2bet.nii.gz)")
+    colin = nib.load(str(root / "mri_colin27_t1.nii.gz"))
+    aal = np.asarray(nib.load(str(root / "mri_colin27_aal.nii.gz")).dataobj).astype(np.uint8)
+    structures = _aal_lookup()[aal]
+    # brain = MRIcron's brain extraction plus every AAL voxel (the atlas reaches ~1 mm past it at the cortex)
+    brain = ndimage.binary_fill_holes((np.asarray(nib.load(str(COLIN27_BRAIN)).dataobj) > 0) | (aal > 0))
+    colin_regions = fill_by_nearest_label(structures, brain)
+    mni = nib.load(str(root / "mri_mni152_t1.nii.gz"))
+    mni_brain = np.asarray(mni.dataobj) > 0                   # nilearn's template is brain-extracted
+    gm_wm = np.asarray(nib.load(str(root / "mri_mni152_gmwm.nii.gz")).dataobj) > 0
+    carried = carry_labels(colin_regions, colin.affine, mni.affine, mni.shape)
+    colin_t1 = np.asarray(colin.dataobj)
+    return {"colin_brain": np.where(brain, colin_t1, 0).astype(colin_t1.dtype), "colin_affine": colin.affine,
+            "colin_regions": colin_regions, "mni_regions": fill_by_nearest_label(carried, mni_brain),
+            "mni_affine": mni.affine, "fit": carried_fit(carried, mni_brain, gm_wm)}
+
+
+def _sagittal_slabs(label: np.ndarray, n_slabs: int) -> list[tuple[int, int]]:
+    """n_slabs consecutive [x0, x1) ranges of equal thickness (+-1 voxel) covering the labelled x extent."""
+    xs = np.nonzero(label.any(axis=(1, 2)))[0]
+    edges = np.linspace(int(xs.min()), int(xs.max()) + 1, n_slabs + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _write_slabs(image: Path, label: Path, out: Path, n_slabs: int) -> list[dict]:
+    import nibabel as nib
+
+    img, seg = nib.load(str(image)), nib.load(str(label))
+    arr, lab = np.asarray(img.dataobj), np.asarray(seg.dataobj).astype(np.uint8)
+    cases = []
+    for i, (x0, x1) in enumerate(_sagittal_slabs(lab, n_slabs), start=1):
+        files = (out / f"slab{i}_x{x0:03d}-{x1:03d}.nii.gz", out / f"slab{i}_x{x0:03d}-{x1:03d}_label.nii.gz")
+        if not all(f.is_file() for f in files):
+            out.mkdir(parents=True, exist_ok=True)
+            aff = img.affine.copy()
+            aff[:3, 3] = img.affine[:3, :3] @ [x0, 0, 0] + img.affine[:3, 3]
+            _save_nifti(np.ascontiguousarray(arr[x0:x1]), aff, files[0])
+            _save_nifti(np.ascontiguousarray(lab[x0:x1]), aff, files[1])
+        cases.append({"image": str(files[0]), "label": str(files[1]), "modality": "mri"})
+    return cases
+
+
+@_one_builder_at_a_time
+def build_brain_regions(root: str | Path, n_slabs: int = 4) -> Path:
+    """The brain regions demo under `root` (the demo corpus; idempotent, no network): a segmentation task that
+    needs anatomical context, not intensity. Returns `root`/regions/datalist.json (layout `datalist`).
+
+    Labels: the AAL atlas on Colin27 merged into 6 bilateral structures (REGION_NAMES, see aal_structure), grown
+    by nearest label over the whole brain (white matter and ventricles included), so each structure is a lobe-like
+    part of the brain that only its position tells apart. Training: Colin27's T1 brain (`regions/
+    mri_colin27_brain.nii.gz`: skull removed with MRIcron's brain mask, as nilearn's MNI152 is) with
+    `regions/mri_colin27_regions.nii.gz`. Validation: the MNI152 T1 (another brain; both are in MNI space) with
+    `regions/mri_mni152_regions.nii.gz`: the Colin27 map carried onto its grid by nearest neighbour in world
+    coordinates, kept inside the MNI152 brain (T1 > 0) and grown by nearest label over the brain voxels it missed.
+    The datalist's "carried_fit" says how well the carried map fit before that (see carried_fit).
+
+    The label-efficiency study's cases, `regions/slabs/datalist.json`: Colin27's brain cut into `n_slabs`
+    sagittal slabs of equal thickness (4: ~36 mm each), same validation. Sagittal slabs are the cut in which each
+    case holds (nearly) every structure: the two lateral slabs hold no deep grey matter, axial or coronal slabs
+    would each lack whole lobes. A budget of n is n slabs of one brain, not n subjects."""
+    if n_slabs < 2:
+        raise DataError(f"{root}: the brain regions study needs at least 2 slabs, got {n_slabs}")
+    root = Path(root).expanduser().resolve()
+    out = root / REGIONS_DIR
+    files = {k: out / f"mri_{k}.nii.gz" for k in ("colin27_brain", "colin27_regions", "mni152_regions")}
+    datalist = out / DATALIST_NAME
+    labels = {"0": "background", **{str(i): n for i, n in enumerate(REGION_NAMES, start=1)}}  # MSD's "labels"
+    if not (datalist.is_file() and all(f.is_file() for f in files.values())):
+        maps = _region_maps(root)
+        out.mkdir(parents=True, exist_ok=True)
+        _save_nifti(maps["colin_brain"], maps["colin_affine"], files["colin27_brain"])
+        _save_nifti(maps["colin_regions"], maps["colin_affine"], files["colin27_regions"])
+        _save_nifti(maps["mni_regions"], maps["mni_affine"], files["mni152_regions"])
+        doc = {"name": "Brain regions (AAL merged), Colin27 -> MNI152",
+               "description": "AAL atlas regions merged into 6 bilateral structures grown over the brain; "
+                              "training: Colin27 T1 brain, validation: MNI152 T1 brain (atlas carried over in "
+                              "world coordinates)",
+               "labels": labels, "carried_fit": maps["fit"],
+               "training": [{"image": str(files["colin27_brain"]), "label": str(files["colin27_regions"]),
+                             "modality": "mri"}],
+               "validation": [{"image": str(root / "mri_mni152_t1.nii.gz"), "label": str(files["mni152_regions"]),
+                               "modality": "mri"}]}
+        write_datalist(doc, datalist)
+    doc = json.loads(datalist.read_text(encoding="utf-8"))
+    slabs_dir = out / REGIONS_SLABS
+    cases = _write_slabs(files["colin27_brain"], files["colin27_regions"], slabs_dir, n_slabs)
+    slabs_doc = {"name": f"Brain regions, {n_slabs} sagittal slabs of Colin27 -> MNI152",
+                 "description": f"{n_slabs} sagittal slabs of the Colin27 T1 brain (training cases) and the MNI152 "
+                                "T1 brain (validation); AAL regions merged into 6 bilateral structures",
+                 "labels": labels, "carried_fit": doc["carried_fit"], "training": cases,
+                 "validation": [{**e, "image": os.path.normpath(out / e["image"]),
+                                 "label": os.path.normpath(out / e["label"])} for e in doc["validation"]]}
+    write_datalist(slabs_doc, slabs_dir / DATALIST_NAME)  # (re)written: n_slabs may differ from the last call
+    return datalist

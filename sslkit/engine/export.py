@@ -28,6 +28,35 @@ def find_checkpoint(path: Path, checkpoint: str | None = None) -> Path:
     return found
 
 
+SELECTIONS = ("last", "healthy", "best-probe")
+
+
+def select_checkpoint(run_dir: Path, select: str = "last") -> Path:
+    """The checkpoint of a pretraining run that `select` names: last (the newest valid one), healthy (the last one
+    saved while the collapse monitor raised no alarm) or best-probe (the best task-probe Dice; pruning keeps both)."""
+    from sslkit.engine.checkpoint import read_trainer_state
+
+    newest = find_checkpoint(run_dir)
+    if select == "last":
+        return newest
+    state = read_trainer_state(newest)
+    name = state.get("healthy") if select == "healthy" else (state.get("best") or {}).get("checkpoint")
+    if not name:
+        why = "no checkpoint was saved while the monitor raised no alarm" if select == "healthy" else \
+            "the run has no task probe (monitor.task_probe) or no probe step was checkpointed"
+        raise UserError(f"{run_dir}: no {select} checkpoint: {why}")
+    return R.require_valid_checkpoint(Path(run_dir) / R.CHECKPOINTS / name)
+
+
+def resolve_encoder(text: str) -> str:
+    """An --encoder value: RUN@last | RUN@healthy | RUN@best-probe names that checkpoint of a pretraining run;
+    anything else is a path as it is."""
+    run, sep, select = str(text).rpartition("@")
+    if not sep or select not in SELECTIONS:
+        return str(text)
+    return str(select_checkpoint(Path(run), select))
+
+
 def encoder_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     """(encoder weights, plan) of a pretraining checkpoint."""
     student, plan = read_weights(ckpt / "student.safetensors")
@@ -37,13 +66,18 @@ def encoder_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
     return enc, plan
 
 
-def export_from_run(run_dir: Path, out: Path, checkpoint: str | None = None) -> tuple[Path, int]:
-    """Write the encoder of a run's newest valid (or the named) checkpoint, with its plan, as safetensors."""
-    ckpt = find_checkpoint(run_dir, checkpoint)
+def export_from_run(run_dir: Path, out: Path, checkpoint: str | None = None,
+                    select: str = "last") -> tuple[Path, int]:
+    """Write the encoder of the checkpoint `select` picks (or the named one) with its plan, as safetensors; the plan
+    gains the run's task-probe figures (last, best, references) when it had a task probe."""
+    from sslkit.monitor.task_probe import probe_record
+
+    ckpt = R.require_valid_checkpoint(checkpoint) if checkpoint else select_checkpoint(run_dir, select)
     enc, plan = encoder_state(ckpt)
     if plan is not None:
         plan = {**plan, "source": {**plan.get("source", {}), "checkpoint": str(ckpt),
-                                   "step": R.checkpoint_step(ckpt)}}
+                                   "step": R.checkpoint_step(ckpt)},
+                **probe_record(ckpt.parent.parent, upto=R.checkpoint_step(ckpt))}
     write_weights(out, enc, plan)
     return out, len(enc)
 
@@ -57,16 +91,17 @@ def last_health(run_dir: Path) -> dict:
     return {}
 
 
-def export_encoder_as(run_dir: Path, out: Path, fmt: str = "sslkit", checkpoint: str | None = None) -> list[Path]:
+def export_encoder_as(run_dir: Path, out: Path, fmt: str = "sslkit", checkpoint: str | None = None,
+                      select: str = "last") -> list[Path]:
     """A run's encoder in another toolkit's format (sslkit.models.weights.export_weights); returns the paths."""
     import tempfile
 
     if fmt == "sslkit":
-        return [export_from_run(run_dir, out, checkpoint)[0]]
+        return [export_from_run(run_dir, out, checkpoint, select)[0]]
     from sslkit.models.weights import export_weights, from_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
-        f, _ = export_from_run(run_dir, Path(tmp) / "encoder.safetensors", checkpoint)
+        f, _ = export_from_run(run_dir, Path(tmp) / "encoder.safetensors", checkpoint, select)
         encoder = from_pretrained(f)
     return export_weights(encoder, encoder.plan, out, fmt, health=last_health(run_dir))
 
@@ -75,7 +110,7 @@ def probe_checkpoint(path: Path, n_crops: int | None = None) -> dict:
     """Collapse statistics of a checkpoint's encoder on the run's fixed probe crops."""
     from sslkit.config import load_config
     from sslkit.data import PretrainDataset, load_datalist
-    from sslkit.engine.trainer import cache_dir_of
+    from sslkit.data.pretrain import cache_dir_of
     from sslkit.models import build_encoder
     from sslkit.monitor.monitor import probe_statistics
 

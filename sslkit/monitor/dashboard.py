@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 from sslkit.errors import UserError
-from sslkit.monitor.alarms import HEALTH_BANDS, default_alarms, health_band
+from sslkit.monitor.alarms import HEALTH_BANDS, crossed, default_alarms, health_band, lookup_metric
 
 RUN_FILES = ("metrics.jsonl", "alarms.jsonl", "config.yaml")
 
@@ -176,22 +176,14 @@ def metric_health(latest: dict[str, float]) -> dict[str, str]:
     return out
 
 
-def _rule_key(metric: str, latest: dict[str, float]) -> str | None:
-    """Column an alarm rule watches: its metric as given, else 'monitor/<metric>' (as the alarm tracker does)."""
-    return next((k for k in (metric, f"monitor/{metric}") if k in latest), None)
-
-
 def _past_rule(rule: dict, value: float) -> str | None:
-    below, above = rule.get("below"), rule.get("above")
-    if isinstance(below, (int, float)) and value < below:
-        return f"below {below:g}"
-    if isinstance(above, (int, float)) and value > above:
-        return f"above {above:g}"
-    return None
+    """'below X' / 'above X' when `value` is past the rule's threshold (the alarms' own test), else None."""
+    hit = crossed(rule.get("below"), rule.get("above"), value)
+    return f"{hit[0]} {hit[1]:g}" if hit else None
 
 
 def run_verdict(columns: dict[str, list], alarms: list[dict], rules: list[dict]) -> dict:
-    """The one verdict the page shows for a run: {"status", "label", "reasons"}.
+    """The one verdict the page shows for a run: {"status", "label", "reasons", "watch"}.
 
     status is the worst of:
       stopped  an alarm with a stopping action fired (the engine stopped the run);
@@ -199,7 +191,9 @@ def run_verdict(columns: dict[str, list], alarms: list[dict], rules: list[dict])
                (HEALTH_BANDS, the red shading of the charts), or past the threshold of one of the run's alarm
                rules (the dashed line), even before the rule's patience ran out;
       healthy  none of these, with at least one step logged ('waiting' before the first step).
-    Every red band and crossed threshold on the page is therefore a reason listed here.
+    Every red band and crossed threshold on the page is therefore a reason listed here. "watch" lists every metric
+    whose latest value is outside its healthy range without being collapsed (the amber values): they do not change
+    the status, but the badge names them, so it lists every metric outside its band.
     """
     stop, warn = [], []
     for a in alarms:
@@ -214,7 +208,8 @@ def run_verdict(columns: dict[str, list], alarms: list[dict], rules: list[dict])
             warn.append(f"{key} = {latest[key]:.3g}, {side}: collapsed range")
             flagged.add(key)
     for rule in rules:
-        key = _rule_key(str(rule.get("metric", "")), latest)
+        found = lookup_metric(str(rule.get("metric", "")), latest)  # the column the alarm tracker would watch
+        key = found[0] if found else None
         past = _past_rule(rule, latest[key]) if key is not None and key not in flagged else None
         if past:
             warn.append(f"{key} = {latest[key]:.3g}, {past}: alarm threshold ({rule.get('action', 'warn')})")
@@ -226,7 +221,15 @@ def run_verdict(columns: dict[str, list], alarms: list[dict], rules: list[dict])
     else:
         status = "healthy" if columns.get("step") else "waiting"
     labels = {"stopped": "stopped", "warn": "warning", "healthy": "healthy", "waiting": "no data yet"}
-    return {"status": status, "label": labels[status], "reasons": stop + warn}
+    return {"status": status, "label": labels[status], "reasons": stop + warn,
+            "watch": [_outside_band(key, latest[key]) for key, state in metric_health(latest).items()
+                      if state == "between" and key not in flagged]}
+
+
+def _outside_band(key: str, value: float) -> str:
+    lo, hi = health_band(key).healthy
+    span = f">= {lo:g}" if hi is None else f"<= {hi:g}" if lo is None else f"{lo:g}..{hi:g}"
+    return f"{key} = {value:.3g}: outside its healthy range {span}, not collapsed (amber: watch it)"
 
 
 # ------------------------------------------------------------------------------------------ paths shown

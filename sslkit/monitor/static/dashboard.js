@@ -44,6 +44,13 @@
     "probe/drift_cos": { title: "drift (cosine to previous probe)", include: [0, 1], hint: "1 = probe embeddings unchanged" }
   };
 
+  // Task probe (sslkit/monitor/task_probe.py): Dice of a voxel classifier on the frozen encoder's features, with the
+  // two lines measured once at step 0: the randomly initialised encoder and the input intensities alone.
+  var PROBE_REFS = [
+    { key: "task_probe/ref_random/dice_mean", label: "random init", color: "#6b7280" },
+    { key: "task_probe/ref_intensity/dice_mean", label: "intensity only", color: "#b45309" }
+  ];
+
   var state = { data: null, mode: "overlay", hidden: {}, sig: "", live: false };
 
   // ------------------------------------------------------------------------------------ helpers
@@ -118,6 +125,23 @@
     if (b.above != null) out.push({ from: b.above, to: Infinity, kind: "bad", label: "collapsed" });
     return out;
   }
+  function firstValue(run, key) {
+    var ys = run.columns[key];
+    if (!ys) return null;
+    for (var i = 0; i < ys.length; i++) if (isNum(ys[i])) return ys[i];
+    return null;
+  }
+  // Reference lines of a chart: [{label, value, color}] per drawn run (spec.refs names their metric keys).
+  function referencesFor(spec, runs) {
+    var out = [];
+    (spec.refs || []).forEach(function (ref) {
+      runs.forEach(function (o) {
+        var v = firstValue(o.run, ref.key);
+        if (isNum(v)) out.push({ label: ref.label + (runs.length > 1 ? " · " + o.run.name : ""), value: v, color: ref.color });
+      });
+    });
+    return out;
+  }
   function alarmRulesFor(runs, key) {
     var out = [];
     runs.forEach(function (o) {
@@ -172,6 +196,8 @@
     rules.forEach(function (r) {
       [r.below, r.above].forEach(function (t) { if (isNum(t)) { y0 = Math.min(y0, t); y1 = Math.max(y1, t); } });
     });
+    var refs = referencesFor(spec, runs);
+    refs.forEach(function (r) { y0 = Math.min(y0, r.value); y1 = Math.max(y1, r.value); });
     if (y1 - y0 < 1e-12) { var pad0 = Math.abs(y0) * 0.1 || 1; y0 -= pad0; y1 += pad0; }
     var pad = (y1 - y0) * 0.06;
     var yt = niceTicks(y0 - (y0 === 0 ? 0 : pad), y1 + pad, 4);
@@ -220,6 +246,14 @@
         svg.appendChild(sv("text", { x: M.l + 4, y: Y(p[1]) - 3, style: "fill:#b91c1c" },
           "alarm " + (p[0] === "below" ? "<" : ">") + " " + fmt(p[1])));
       });
+    });
+
+    // reference lines (task probe: random-init and intensity-only Dice)
+    refs.forEach(function (r, i) {
+      svg.appendChild(sv("line", { x1: M.l, x2: W - M.r, y1: Y(r.value), y2: Y(r.value), stroke: r.color,
+        "stroke-dasharray": "6 4", "stroke-width": 1.3, "class": "reference", "data-label": r.label }));
+      svg.appendChild(sv("text", { x: W - M.r - 4, y: Y(r.value) - 3 - 11 * (i % 2), "text-anchor": "end",
+        "class": "reference-label", style: "fill:" + r.color }, r.label + " " + fmt(r.value, 3)));
     });
 
     // lines
@@ -321,9 +355,23 @@
       var base = PROBE_INFO[k] || {};
       return { key: k, title: "Probe · " + (base.title || k.slice(6)), include: base.include, hint: base.hint };
     });
+    var task = [];
+    if (keys["task_probe/dice_mean"]) {
+      task.push({ key: "task_probe/dice_mean", title: "Task probe · mean Dice", include: [0, 1], refs: PROBE_REFS,
+        hint: "frozen features → voxel classifier · dashed: step-0 references" });
+    }
+    Object.keys(keys).sort().forEach(function (k) {
+      if (/^task_probe\//.test(k)) {
+        used[k] = 1;
+        var m = /^task_probe\/dice\/(.+)$/.exec(k);
+        if (m) task.push({ key: k, title: "Task probe · " + m[1], include: [0, 1],
+          refs: PROBE_REFS.map(function (r) { return { key: r.key.replace("dice_mean", "dice/" + m[1]), label: r.label, color: r.color }; }) });
+      }
+    });
     var other = Object.keys(keys).sort().filter(function (k) { return !used[k] && !HIDDEN_KEYS[k]; })
       .map(function (k) { return { key: k, title: shortKey(k) }; });
     return [
+      { title: "Task probe: does the encoder separate your labels?", specs: task },
       { title: "Loss per objective", specs: loss },
       { title: "Collapse metrics", specs: collapse },
       { title: "Probe set", specs: probe },
@@ -340,30 +388,32 @@
     box.innerHTML = "";
     runs.forEach(function (o) {
       var r = o.run, verdict = r.verdict || { status: "waiting", label: "no data yet", reasons: [] };
+      var watch = verdict.watch || [], notes = verdict.reasons.concat(watch);
       var card = el("div", { "class": "run-card", style: "--c:" + colorOf(o.idx), "data-run": r.name,
         "data-verdict": verdict.status });
       var h = el("h2");
       h.appendChild(el("span", null, r.name));
-      var badge = el("span", { "class": "badge " + verdict.status }, verdict.label);
-      if (verdict.reasons.length) badge.title = verdict.reasons.join("\n");
+      var badge = el("span", { "class": "badge " + verdict.status + (watch.length ? " watch" : "") },
+        verdict.label + (watch.length ? " · " + watch.length + " to watch" : ""));
+      if (notes.length) badge.title = notes.join("\n");  // every metric outside its band
       h.appendChild(badge);
       card.appendChild(h);
       card.appendChild(el("div", { "class": "cfg", title: r.path }, r.config_name || r.path));
       var kv = el("div", { "class": "kv" });
       [["step", "step"], ["loss", "loss"], ["samples/s", "samples_per_s"], ["emb. std", "monitor/embedding_std"],
         ["rankme", "monitor/rankme"], ["mean cos", "monitor/mean_cosine"], ["probe spread", "probe/spread"],
-        ["probe rank", "probe/centred_rankme"]].forEach(function (p) {
+        ["probe rank", "probe/centred_rankme"], ["probe Dice", "task_probe/dice_mean"]].forEach(function (p) {
         var v = lastValue(r, p[1]), d = el("div");
-        if (v == null && /^probe\//.test(p[1])) return;
+        if (v == null && /probe\//.test(p[1])) return;
         d.appendChild(el("span", { "class": "k" }, p[0]));
         d.appendChild(el("span", { "class": "v " + classFor(r, p[1]) }, fmt(v)));
         kv.appendChild(d);
       });
       card.appendChild(kv);
-      if (verdict.reasons.length) {
+      if (notes.length) {
         var ul = el("ul", { "class": "reasons" });
-        verdict.reasons.slice(0, 4).forEach(function (t) { ul.appendChild(el("li", null, t)); });
-        if (verdict.reasons.length > 4) ul.appendChild(el("li", null, "… " + (verdict.reasons.length - 4) + " more"));
+        verdict.reasons.forEach(function (t) { ul.appendChild(el("li", null, t)); });
+        watch.forEach(function (t) { ul.appendChild(el("li", { "class": "watch" }, t)); });
         card.appendChild(ul);
       }
       box.appendChild(card);
