@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q $(TORCH)
 	# DeepSpeed ships as an sdist that imports torch to build: build it against the torch above
 	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15,<0.20"
-	$(BIN)/pip install -q -e ".[demo,test]" $(TORCH)
+	$(BIN)/pip install -q -e ".[demo,trackers,bundle,study,test]" $(TORCH)
 	touch $(STAMP)
 
 # The main job: pretrain BYOL on the demo corpus, then fine-tune grey / white matter segmentation from that encoder

@@ -95,9 +95,9 @@ def synthetic_corpus(demo: Path, out: Path, n: int, seed: int = 0) -> Path:
 
 
 def recipe_sets(datalist: Path, store: Path, extra: list[str]) -> list[str]:
-    """--set overrides of every run here: the synthetic corpus, its store, strong views, no probe; then `extra`."""
+    """--set overrides of every run here: the synthetic corpus, its store, strong views, no probes; then `extra`."""
     return [f"data.datalist={datalist}", f"data.cache_dir={store}", "data.views.strength=strong",
-            "monitor.probe_every=0", *extra]
+            "monitor.probe_every=0", "monitor.task_probe.datalist=null", *extra]
 
 
 def recipe(datalist: Path, store: Path, extra: list[str], **train) -> "object":
@@ -262,14 +262,15 @@ def step_rates(cfg, timing_steps: int, rounds: int) -> dict:
     from sslkit.data.datalist import load_datalist
     from sslkit.data.pretrain import PretrainDataset
     from sslkit.engine.sampler import EpochSampler, worker_init
-    from sslkit.engine.trainer import build_model, make_optimizer
+    from sslkit.engine.optim import make_optimizer
+    from sslkit.engine.trainer import build_model
 
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg)
     ds = PretrainDataset(load_datalist(cfg.data.datalist), cfg.data, Path(cfg.data.cache_dir), seed=t.seed,
                          requests=model.objectives.data_requests()).prepare(progress=False)
-    optimizer = make_optimizer(cfg, model)
+    optimizer = make_optimizer(model, cfg.optim)
 
     def step(batch: dict, k: int) -> None:
         out = model(batch)

@@ -12,39 +12,80 @@ import os
 import sys
 from pathlib import Path
 
-from sslkit.errors import UserError
+from sslkit.errors import UserError, user_error_in
 
 
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="self-supervised pretraining from a YAML recipe",
                        description="Pretrain an encoder. Runs as one process, or under torchrun for several.")
-    p.add_argument("--cfg", required=True, help="YAML recipe, e.g. pretrain_configs/demo_ct_byol.yaml")
+    p.add_argument("--cfg", default=None, help="YAML recipe, e.g. pretrain_configs/demo_ct_byol.yaml (with "
+                                               "--resume it may be left out: the run's own config.yaml is used)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=200 (repeatable)")
     p.add_argument("--run-dir", default=None, help="output directory (default runs/<recipe name>)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
-                   help="continue from the newest valid checkpoint (auto) or a checkpoint directory")
+                   help="continue from the newest valid checkpoint (auto) or a checkpoint directory; "
+                        "`--run-dir RUN --resume auto` alone continues RUN with its own recipe")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics.jsonl is still written)")
     p.set_defaults(func=cmd_pretrain)
+
+
+def _run_dir(a) -> Path:
+    """--run-dir, else runs/<recipe name>; without either there is nothing to name the run by."""
+    if a.run_dir:
+        return Path(a.run_dir)
+    if a.cfg:
+        return Path("runs") / Path(a.cfg).stem
+    raise UserError("--cfg: needed (or --run-dir RUN --resume auto to continue a run with its own recipe)")
+
+
+def _own_config(a, run_dir: Path) -> Path:
+    """The config.yaml a resumed run was started with, when --cfg is left out (UserError otherwise)."""
+    if not a.resume:
+        raise UserError("--cfg: needed to start a run (only --resume may leave it out, to continue a run with the "
+                        "config.yaml in its --run-dir)")
+    own = run_dir / "config.yaml"
+    if not own.is_file():
+        raise UserError(f"{run_dir}: no config.yaml to resume from; give the recipe with --cfg")
+    return own
+
+
+def _recorded_source(run_dir: Path) -> tuple[str | None, dict]:
+    """(recipe path, source) a run's plan recorded (what its first start was given), or (None, {})."""
+    from sslkit.plan import read_plan
+
+    try:
+        plan = read_plan(run_dir)
+    except UserError:
+        return None, {}
+    return (plan.get("recipe") or {}).get("path"), plan.get("source") or {}
 
 
 def cmd_pretrain(a) -> int:
     from sslkit.config import load_config
 
-    cfg = load_config(a.cfg, a.overrides)
-    run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / Path(a.cfg).stem
+    run_dir = _run_dir(a)
+    recipe = a.cfg or _recorded_source(run_dir)[0]
+    cfg = load_config(a.cfg or _own_config(a, run_dir), a.overrides)
     _check_datalist(cfg.data.datalist, "--set data.datalist=PATH")
     from sslkit.engine.trainer import pretrain
 
-    res = pretrain(cfg, run_dir, resume=a.resume, progress=not a.no_progress, recipe=a.cfg)
+    res = pretrain(cfg, run_dir, resume=a.resume, progress=not a.no_progress, recipe=recipe)
     if not _is_rank0():
         return 75 if res.stopped_by_signal else (3 if res.stopped_by_alarm or res.stopped_by_nonfinite else 0)
     if res.stopped_by_signal:
-        return _preempted(res.stopped_by_signal, res.steps, "pretrain", a.cfg, run_dir)
-    if res.stopped_by_alarm or res.stopped_by_nonfinite:
-        why = "a non-finite loss or gradient" if res.stopped_by_nonfinite else "an alarm"
-        print(f"stopped by {why} at step {res.steps}; run directory {res.run_dir}")
+        return _preempted(res.stopped_by_signal, res.steps, "pretrain", run_dir)
+    if res.stopped_by_nonfinite:  # its one line, with the step and the checkpoint, is already on stderr
+        print(f"stopped by a non-finite loss, gradient or weights (see the line above); run directory {res.run_dir}")
         return 3
+    if res.stopped_by_alarm:
+        print(f"stopped by an alarm at step {res.steps}; run directory {res.run_dir}")
+        return 3
+    from sslkit.monitor.task_probe import probe_summary
+
+    probe = probe_summary(res.run_dir)
+    if probe:
+        print(probe)
     print(f"done: {res.steps} steps, run directory {res.run_dir}\n"
           f"  encoder + plan:  {res.run_dir / 'encoder.safetensors'}  (sslkit info {res.run_dir})\n"
           f"  dashboard:       sslkit dashboard {res.run_dir}\n"
@@ -53,11 +94,14 @@ def cmd_pretrain(a) -> int:
     return 0
 
 
-def _preempted(signal: str, steps: int, command: str, cfg: str, run_dir: Path) -> int:
+def _preempted(signal: str, steps: int, command: str, run_dir: Path) -> int:
+    """The stop line: the command that continues the run (its recipe, overrides and encoder are the run's own)."""
+    import shlex
+
     from sslkit.run import EXIT_PREEMPTED
 
     print(f"sslkit: stopped by {signal} at step {steps} after writing its checkpoint; continue with: "
-          f"sslkit {command} --cfg {cfg} --run-dir {run_dir} --resume auto", file=sys.stderr, flush=True)
+          f"sslkit {command} --run-dir {shlex.quote(str(run_dir))} --resume auto", file=sys.stderr, flush=True)
     return EXIT_PREEMPTED
 
 
@@ -81,7 +125,10 @@ def _add_export(sub) -> None:
     p.add_argument("--run-dir", required=True,
                    help="a pretraining run directory (monai-bundle: a fine-tuning run, checkpoint or model file)")
     p.add_argument("--out", required=True, help="output file (a folder for --format hf)")
-    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the newest valid one)")
+    p.add_argument("--checkpoint", default=None, help="a checkpoint directory (default: the one --select picks)")
+    p.add_argument("--select", default="last", choices=["last", "healthy", "best-probe"],
+                   help="which checkpoint of the run: last (the newest valid one), healthy (the last one saved while "
+                        "the collapse monitor raised no alarm) or best-probe (the best task-probe Dice)")
     p.add_argument("--format", default="sslkit",
                    choices=["sslkit", "monai", "monai_load_from", "timm", "hf", "monai-bundle"],
                    help="sslkit: safetensors + plan; monai: SwinUNETR swinViT.* state dict; monai_load_from: the "
@@ -101,7 +148,7 @@ def cmd_export(a) -> int:
         return 0
     from sslkit.engine.export import export_encoder_as
 
-    paths = export_encoder_as(Path(a.run_dir), Path(a.out), a.format, a.checkpoint)
+    paths = export_encoder_as(Path(a.run_dir), Path(a.out), a.format, a.checkpoint, select=a.select)
     print("wrote " + ", ".join(str(p) for p in paths) + (f"; its plan: sslkit info {paths[0]}"
                                                           if a.format in ("sslkit", "hf") else ""))
     return 0
@@ -113,13 +160,55 @@ def _add_data(sub) -> None:
     d = dsub.add_parser("demo", help="build the demo corpus of real scans (no network needed)")
     d.add_argument("--out", default="demo_data", help="output folder (default demo_data)")
     d.set_defaults(func=cmd_data_demo)
-    i = dsub.add_parser("index", help="find NIfTI / NRRD / MHA files and DICOM series under ROOT")
+    i = dsub.add_parser("index", help="find NIfTI / NRRD / MHA files and DICOM series under ROOT, with each scan's "
+                                      "modality; label maps and scans pretraining cannot read are left out")
     i.add_argument("root", help="folder to search (recursively)")
     i.add_argument("--out", required=True, help="datalist JSON to write")
     i.set_defaults(func=cmd_data_index)
-    from sslkit.data.prepare import add_prepare_parser
+    _add_data_prepare(dsub)
 
-    add_prepare_parser(dsub)
+
+def _add_data_prepare(subparsers) -> None:
+    """`sslkit data prepare` (sslkit.data.prepare)."""
+    p = subparsers.add_parser(
+        "prepare", help="preprocess a recipe's datalist into a store of compressed volumes (before pretraining)",
+        description="Preprocess every scan of a recipe's datalist with the recipe's preprocessing (the same code "
+                    "and settings as pretraining) into a store folder of compressed volumes; point pretraining at "
+                    "it with --set data.cache_dir=STORE. Resumable: scans already in the store are skipped.")
+    p.add_argument("--cfg", required=True, help="pretraining YAML recipe whose data section (datalist, spacing, "
+                                                "intensity, roi, store_dtype) decides the preprocessing")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set data.datalist=my.json (repeatable)")
+    p.add_argument("--out", required=True, help="store folder to write (created if missing; shared by all parts)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes, one thread each (default 1; use the cores you can spare)")
+    p.add_argument("--part", type=int, default=0,
+                   help="which part of the datalist this job prepares, 0..parts-1 (entry i goes to part i %% parts)")
+    p.add_argument("--parts", type=int, default=1,
+                   help="into how many parts the datalist is split, for several jobs or machines (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_data_prepare)
+
+
+def cmd_data_prepare(a) -> int:
+    from sslkit.config import load_config
+    from sslkit.data.prepare import SKIPPED_NAME, check_part, prepare_store
+    from sslkit.errors import DataError
+
+    check_part(a.part, a.parts)
+    if a.workers < 1:
+        raise UserError(f"--workers: must be at least 1, got {a.workers}")
+    cfg = load_config(a.cfg, a.overrides)
+    if not cfg.data.datalist:
+        raise UserError("data.datalist: not set; give one with --set data.datalist=PATH")
+    if not Path(cfg.data.datalist).expanduser().exists():
+        raise UserError(f"data.datalist: {cfg.data.datalist} not found")
+    report = prepare_store(cfg, a.out, workers=a.workers, part=a.part, parts=a.parts, progress=not a.no_progress)
+    print(report.line())
+    if report.prepared + report.already == 0 and report.entries:
+        raise DataError(f"no usable scans among the {report.entries} entries of this part "
+                        f"(see {Path(a.out) / SKIPPED_NAME})")
+    return 0
 
 
 def cmd_data_demo(a) -> int:
@@ -143,11 +232,13 @@ def cmd_data_index(a) -> int:
         if line.endswith("left out"):
             left_out.append(line)
 
-    items = index_folder(root, warn=warn)
+    items = index_folder(root, warn=warn, inspect=True)
     out = Path(a.out)
     write_datalist(items, out, out.parent)
-    print(f"{len(items)} scans -> {out}" + (f" ({len(left_out)} DICOM folder(s) left out, see the warnings above)"
-                                            if left_out else ""))
+    kinds = ", ".join(f"{sum(e['modality'] == m for e in items)} {m}" for m in ("ct", "mri")
+                      if any(e["modality"] == m for e in items))
+    print(f"{len(items)} scans ({kinds or 'none'}) -> {out}"
+          + (f" ({len(left_out)} left out, see the warnings above)" if left_out else ""))
     return 0
 
 
@@ -209,10 +300,12 @@ def cmd_probe(a) -> int:
 
 def _add_downstream(sub) -> None:
     p = sub.add_parser("finetune", help="segmentation fine-tuning from a downstream recipe")
-    p.add_argument("--cfg", required=True, help="downstream YAML recipe, e.g. downstream/demo_mni_gm_wm.yaml")
+    p.add_argument("--cfg", default=None, help="downstream YAML recipe, e.g. downstream/demo_mni_gm_wm.yaml (with "
+                                               "--resume it may be left out: the run's own config.yaml is used)")
     p.add_argument("--encoder", default=None,
-                   help="pretrained encoder: a pretraining run directory, a checkpoint or a .safetensors file; the "
-                        "recipe's missing model / preprocessing keys come from its plan")
+                   help="pretrained encoder: a pretraining run directory (RUN@best-probe, RUN@healthy: that "
+                        "checkpoint of it), a checkpoint or a .safetensors file; the recipe's missing model / "
+                        "preprocessing keys come from its plan")
     p.add_argument("--scratch", action="store_true",
                    help="with --encoder: its plan's model and preprocessing, random weights (the from-scratch baseline)")
     p.add_argument("--strict-plan", action="store_true",
@@ -241,15 +334,23 @@ def _add_downstream(sub) -> None:
 
 
 def cmd_finetune(a) -> int:
-    from sslkit.config import read_recipe
+    from sslkit.downstream.config import read_downstream_recipe
     from sslkit.downstream.train import finetune
 
-    raw = read_recipe(a.cfg, a.overrides)
-    run_dir = Path(a.run_dir) if a.run_dir else Path("runs") / Path(a.cfg).stem
-    out = finetune(raw, run_dir, encoder_path=a.encoder, resume=a.resume, progress=not a.no_progress,
-                   strict_plan=a.strict_plan, recipe_path=a.cfg, scratch=a.scratch)
+    run_dir = _run_dir(a)
+    recipe, encoder, scratch = a.cfg, a.encoder, a.scratch
+    if not a.cfg:  # continue with the run's own recipe, encoder and --scratch choice
+        own = _own_config(a, run_dir)
+        recipe, source = _recorded_source(run_dir)
+        if encoder is None and source.get("plan_from"):
+            encoder, scratch = source["plan_from"], source.get("encoder") is None
+        raw = read_downstream_recipe(own, a.overrides)
+    else:
+        raw = read_downstream_recipe(a.cfg, a.overrides)
+    out = finetune(raw, run_dir, encoder_path=encoder, resume=a.resume, progress=not a.no_progress,
+                   strict_plan=a.strict_plan, recipe_path=recipe, scratch=scratch)
     if out["stopped_by_signal"]:
-        return _preempted(out["stopped_by_signal"], out["steps"], "finetune", a.cfg, run_dir)
+        return _preempted(out["stopped_by_signal"], out["steps"], "finetune", run_dir)
     if out["stopped_by_nonfinite"]:
         return 3
     best = f"{out['best_dice']:.4f} at step {out['best_step']}" if out["best_dice"] is not None else "n/a"
@@ -265,7 +366,10 @@ def cmd_evaluate(a) -> int:
     res = evaluate(Path(a.run_dir), ckpt=a.ckpt, max_cases=a.max_cases)
     out = Path(a.run_dir) / "eval"
     print(f"mean Dice {res.get('mean_dice', float('nan')):.4f}; wrote {out / 'report.md'}, "
-          f"{out / 'per_case.csv'}, {out / 'metrics.json'}")
+          f"{out / 'per_case.csv'}, {out / 'metrics.json'}\n"
+          f"  next: sslkit compare OTHER_RUN {a.run_dir}   (side by side with another evaluated run, e.g. from "
+          f"scratch)\n"
+          f"        sslkit predict --ckpt {a.run_dir} --input SCAN --output preds/   (label maps for new scans)")
     return 0
 
 
@@ -274,7 +378,9 @@ def cmd_compare(a) -> int:
 
     out = compare([Path(r) for r in a.run_dirs], Path(a.out) if a.out else Path("comparison.md"))
     print(Path(out).read_text(encoding="utf-8"))
-    print(f"wrote {out} and {Path(out).with_suffix('.csv')}")
+    print(f"wrote {out} and {Path(out).with_suffix('.csv')}\n"
+          "  one run per side says little: `sslkit study` repeats the comparison over seeds and labelled budgets "
+          "and gives paired intervals (docs/study.md)")
     return 0
 
 
@@ -287,9 +393,61 @@ def cmd_predict(a) -> int:
 
 
 def _add_study(sub) -> None:
-    from sslkit.downstream.study import add_study_parser
+    p = sub.add_parser(
+        "study", help="label-efficiency study: fine-tune every (encoder, budget, seed), tables, intervals, plot",
+        description="Fine-tune every (encoder, labelled budget, seed) cell with one downstream recipe, evaluate "
+                    "each, and write DIR/study.md, study.csv, study.png and study.svg. Resumable: run the same "
+                    "command again to skip finished cells and continue stopped ones.")
+    p.add_argument("--cfg", required=True, help="downstream YAML recipe, e.g. downstream/demo_study.yaml")
+    p.add_argument("--encoder", action="append", default=[], metavar="NAME=PATH",
+                   help="a pretrained encoder to study: NAME (its folder and label) = a pretraining run directory "
+                        "(RUN@best-probe: its best task-probe checkpoint), checkpoint or .safetensors file "
+                        "(repeatable; the first one's plan also defines scratch)")
+    p.add_argument("--scratch", action="store_true",
+                   help="add the from-scratch baseline: the first encoder's architecture and preprocessing from "
+                        "random weights (or the recipe's model without --encoder)")
+    p.add_argument("--schedule", action="append", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                   help="a transfer schedule every encoder is fine-tuned with (arm ENCODER+NAME), e.g. "
+                        "frozen20=adapt.warmup_frozen_steps=20 or ld=optim.layer_decay=0.75; NAME= keeps the "
+                        "recipe as it is (repeatable)")
+    p.add_argument("--budgets", required=True, metavar="N,N,...",
+                   help="labelled training cases per cell (data.num_labelled), e.g. 1,3,5; nested per seed")
+    p.add_argument("--seeds", default="0,1,2", metavar="S,S,...",
+                   help="seeds (data.split_seed and train.seed of a cell; default 0,1,2)")
+    p.add_argument("--out", required=True, help="output folder: one run directory per cell and the report")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key for every cell, e.g. --set train.max_steps=60 (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="cells run in N worker processes at once, each with train.threads // N threads "
+                        "(default 1; 2 on a 2-core machine finishes sooner)")
+    p.add_argument("--keep-checkpoints", action="store_true",
+                   help="keep each evaluated cell's checkpoints/ (by default only its best model and reports stay)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (metrics.jsonl is still written)")
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # I/N: what a --jobs worker runs
+    p.set_defaults(func=cmd_study)
 
-    add_study_parser(sub)
+
+def cmd_study(a) -> int:
+    from sslkit.downstream.study import parse_encoders, parse_int_list, parse_schedules, run_study
+    from sslkit.errors import ConfigError
+    from sslkit.run import EXIT_PREEMPTED
+
+    if a.jobs < 1:
+        raise ConfigError(f"--jobs: must be at least 1, got {a.jobs}")
+    shard = tuple(int(v) for v in a.shard.split("/")) if a.shard else None
+    res = run_study(a.cfg, parse_encoders(a.encoder), a.scratch, parse_int_list(a.budgets, "--budgets"),
+                    parse_int_list(a.seeds, "--seeds"), a.out, a.overrides, progress=not a.no_progress,
+                    jobs=a.jobs, keep_checkpoints=a.keep_checkpoints, shard=shard,
+                    schedules=parse_schedules(a.schedule))
+    if res.stopped_by_signal:
+        if shard is None:
+            print(f"sslkit: study stopped by {res.stopped_by_signal}; the finished cells are in "
+                  f"{res.out / 'study.md'}; run the same command again to continue", file=sys.stderr, flush=True)
+        return EXIT_PREEMPTED
+    if shard is None:
+        print(f"{len(res.rows)}/{res.cells} cells evaluated; wrote {res.out / 'study.md'}, {res.out / 'study.csv'}, "
+              f"{res.out / 'study.png'}, {res.out / 'study.svg'}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,14 +495,14 @@ def main(argv: list[str] | None = None) -> int:
         # OSError(ENOSPC), or as safetensors' / torch's own errors that only name it in their message
         import errno
 
+        user = user_error_in(e)
+        if user is not None:
+            print(f"sslkit: error: {user}", file=sys.stderr)
+            return 2
         chain, inner = [], e
         while inner is not None and len(chain) < 8:
             chain.append(inner)
             inner = inner.__cause__ or inner.__context__
-        user = next((x for x in chain if isinstance(x, UserError)), None)
-        if user is not None:
-            print(f"sslkit: error: {user}", file=sys.stderr)
-            return 2
         full = next((x for x in chain if (isinstance(x, OSError) and x.errno == errno.ENOSPC)
                      or "No space left on device" in str(x) or "os error 28" in str(x)), None)
         if full is None:

@@ -19,6 +19,9 @@ from sslkit.errors import ConfigError, closest
 
 # ------------------------------------------------------------------------------- sections both loops share
 
+COMPILE_MODES = ("auto", "off", "default", "max-autotune")  # train.compile (sslkit.engine.compile)
+
+
 
 @dataclass
 class TrainConfig:
@@ -36,6 +39,13 @@ class TrainConfig:
     keep_last: int = 3                 # step checkpoints kept (the newest valid and a marked healthy one always)
     nonfinite: str = "skip"            # a NaN / inf loss or gradient norm: skip that optimizer step (and the EMA
                                        # update; counted in metrics.jsonl; 20 in a row stop the run) | stop
+    precision: str = "fp32"            # fp32 | bf16 (fp32 master weights and EMA teachers, losses in fp32; on CPU
+                                       # and CUDA) | fp16 (pretraining on CUDA: DeepSpeed's loss scaling)
+    compile: str = "auto"              # torch.compile of the encoder, the objectives' heads and the EMA teachers
+                                       # (fine-tuning: the model): off | default | max-autotune | auto (CUDA:
+                                       # default; CPU: off, where compiling costs more than a short run gains).
+                                       # Inductor's caches persist in $TORCHINDUCTOR_CACHE_DIR (default
+                                       # ~/.cache/sslkit/inductor), so a second run skips most of the compile
 
 
 @dataclass
@@ -70,6 +80,8 @@ class ModelConfig:
     spatial_dims: int = 3
     in_channels: int = 1
     args: dict = field(default_factory=dict)  # builder options, checked against the builder's signature
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass (less
+                                       # memory, ~1/3 more compute): every encoder family supports it
     init_from: str = ""                # encoder weights to start from (a local file, checkpoint or run directory):
                                        # sslkit's own, MONAI Swin-UNETR (SSL or model), VoCo, SAM / SAM-derived, timm
                                        # samvit; the layout is detected (sslkit.models.weights). `finetune --encoder X`
@@ -83,7 +95,6 @@ class ModelConfig:
 class PretrainTrainConfig(TrainConfig):
     micro_batch_size: int = 2          # crops per process per micro-batch
     grad_accum_steps: int = 1          # micro-batches per optimizer step
-    precision: str = "fp32"            # fp32 | bf16 | fp16
     zero_stage: int = 0                # DeepSpeed ZeRO stage 0..3
 
 
@@ -134,12 +145,33 @@ class AlarmConfig:
 
 
 @dataclass
+class TaskProbeConfig:
+    """Does the encoder separate the labels of the user's task? (sslkit.monitor.task_probe)"""
+    datalist: str | None = None       # decathlon JSON: "training" image + label pairs are probe-train, "validation"
+                                       # probe-val (paths relative to the JSON); null: no task probe
+    every: int = 0                     # optimizer steps between probes (it also runs at step 0)
+    method: str = "logistic"           # logistic (multinomial logistic regression) | knn (k nearest voxels)
+    crops: int = 4                     # fixed crops per probe-train / probe-val scan (or half of the one scan)
+    crop_size: list[int] = field(default_factory=list)  # [] : data.roi
+    grid_stride: int = 2               # features of every stage are resized to the grid roi / grid_stride
+    voxels: int = 8000                 # class-balanced probe-train voxels the classifier is fitted on
+    c: float = 0.001                   # logistic: inverse L2 strength (scikit-learn's C; the penalty is
+                                       # ||W||^2 / (2 C) beside the sum of cross-entropies over the voxels)
+    knn_k: int = 20
+    label_names: list[str] = field(default_factory=list)  # foreground class names ([] : the JSON's "labels")
+
+
+@dataclass
 class MonitorConfig:
     enabled: bool = True
     bank_size: int = 256               # rolling bank of embeddings for rank / cosine statistics
+    every: int = 1                     # optimizer steps between collapse statistics (and update_to_weight); the
+                                       # embeddings of the steps between still enter the bank. Each is read from
+                                       # the device on these steps only: raise it on a GPU (e.g. 10)
     probe_every: int = 0               # optimizer steps between probe-set evaluations (0: off)
     probe_crops: int = 8
     alarms: list[AlarmConfig] = field(default_factory=list)
+    task_probe: TaskProbeConfig = field(default_factory=TaskProbeConfig)
 
 
 @dataclass
@@ -304,6 +336,8 @@ def check_shared(train: TrainConfig, optim: OptimConfig, data: PreprocessConfig,
     `scan_dims`: spatial dimensions of the scans (3 when a 2-D model reads slices of volumes)."""
     check_choice("train.device", train.device, ("auto", "cpu", "cuda"))
     check_choice("train.nonfinite", train.nonfinite, ("skip", "stop"))
+    check_choice("train.precision", train.precision, ("fp32", "bf16", "fp16"))
+    check_choice("train.compile", train.compile, COMPILE_MODES)
     for name in ("max_steps", "keep_last"):
         if getattr(train, name) < (0 if name == "max_steps" else 1):
             raise ConfigError(f"train.{name}: must be at least 1, got {getattr(train, name)}")
@@ -345,8 +379,9 @@ def check_shared(train: TrainConfig, optim: OptimConfig, data: PreprocessConfig,
 def _check_values(cfg: Config) -> None:
     t = cfg.train
     check_shared(t, cfg.optim, cfg.data, cfg.model, cfg.logging, scan_dims=3)
-    check_choice("train.precision", t.precision, ("fp32", "bf16", "fp16"))
     check_choice("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
+    if cfg.monitor.every < 1:
+        raise ConfigError(f"monitor.every: must be at least 1, got {cfg.monitor.every}")
     for name in ("micro_batch_size", "grad_accum_steps", "max_steps"):
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}: must be at least 1, got {getattr(t, name)}")
@@ -357,6 +392,22 @@ def _check_values(cfg: Config) -> None:
                               f"(and a datalist whose entries carry 'label')")
     for i, a in enumerate(cfg.monitor.alarms):
         check_choice(f"monitor.alarms[{i}].action", a.action, ("warn", "stop", "stop_keep_healthy"))
+    _check_task_probe(cfg.monitor.task_probe, cfg.model.spatial_dims)
+
+
+def _check_task_probe(tp: TaskProbeConfig, spatial_dims: int) -> None:
+    if not tp.datalist:
+        return
+    check_choice("monitor.task_probe.method", tp.method, ("logistic", "knn"))
+    if tp.every < 1:
+        raise ConfigError(f"monitor.task_probe.every: needs optimizer steps >= 1 with a datalist, got {tp.every}")
+    for name in ("crops", "grid_stride", "voxels", "knn_k"):
+        if getattr(tp, name) < 1:
+            raise ConfigError(f"monitor.task_probe.{name}: must be at least 1, got {getattr(tp, name)}")
+    if not tp.c > 0:
+        raise ConfigError(f"monitor.task_probe.c: must be positive, got {tp.c}")
+    if tp.crop_size and (len(tp.crop_size) != spatial_dims or min(tp.crop_size) < 1):
+        raise ConfigError(f"monitor.task_probe.crop_size: needs {spatial_dims} positive sizes, got {tp.crop_size}")
 
 
 def config_from_dict(raw: dict) -> Config:

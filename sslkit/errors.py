@@ -25,3 +25,13 @@ def closest(name: str, options) -> str | None:
         return close[0]
     starts = [o for o in options if o.startswith(str(name)) or str(name).startswith(o)]
     return starts[0] if starts else None
+
+
+def user_error_in(error: BaseException, depth: int = 8) -> "UserError | None":
+    """The UserError inside an exception chain (MONAI wraps a transform's DataError in RuntimeError), or None."""
+    seen = error
+    while seen is not None and depth:
+        if isinstance(seen, UserError):
+            return seen
+        seen, depth = seen.__cause__ or seen.__context__, depth - 1
+    return None

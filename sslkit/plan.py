@@ -14,9 +14,11 @@ A plan is a JSON-able dict written by pretraining into every checkpoint and expo
      "crop_foreground": true, "crop_size": [48, 48, 48],
      "recipe": {"name": "demo_ct_byol", "path": "...", "sha256": "..."},
      "source": {"kind": "pretrain", "run_dir": "...", "step": 120},
-     "corpus": {"scans": 3, "modalities": {"ct": 1, "mri": 2}},
-     # segmenters (fine-tuned models) also carry:
-     "segmenter": {"name": "swin_unetr", "args": {...}, "num_classes": 3, "label_names": [...], "adapt": "full"},
+     "corpus": {"scans": 3, "modalities": {"ct": 1, "mri": 2}},  # what these weights were trained on
+     # segmenters (fine-tuned models) also carry ("corpus" is then the fine-tuning data: scans, modalities, task):
+     "segmenter": {"name": "swin_unetr", "args": {...}, "num_classes": 3, "adapt": "full",
+                   "label_names": ["background", ...]},                # one per class, background first
+     "encoder_corpus": {...},                                   # the pretraining corpus of its encoder
      "input_stats": {...}}                                       # what the model saw (predict compares inputs)
 
 This module sits below everything (like config.py): it knows dicts and files, not models.
@@ -230,5 +232,13 @@ def format_plan(plan: dict) -> str:
     if plan.get("source"):
         lines.append(f"source          {json.dumps(plan['source'], sort_keys=True)}")
     if plan.get("corpus"):
-        lines.append(f"corpus          {json.dumps(plan['corpus'], sort_keys=True)}")
+        what = "trained on      " if plan.get("kind") == "segmenter" else "corpus          "
+        lines.append(f"{what}{json.dumps(plan['corpus'], sort_keys=True)}")
+    if plan.get("encoder_corpus"):
+        lines.append(f"encoder corpus  {json.dumps(plan['encoder_corpus'], sort_keys=True)} (its pretraining)")
+    probe = plan.get("task_probe")
+    if probe:
+        marks = [f"{k} {probe[k]['dice_mean']:.4f} (step {probe[k]['step']})" for k in ("last", "best") if probe.get(k)]
+        refs = [f"{k} {v:.4f}" for k, v in (probe.get("references") or {}).items()]
+        lines.append(f"task probe      mean Dice {', '.join(marks)}; references {', '.join(refs) or 'none'}")
     return "\n".join(lines)

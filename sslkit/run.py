@@ -18,32 +18,49 @@ from sslkit.errors import ConfigError
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on failure it is removed.
+def atomic_path(path: str | Path, fsync: bool = False, tmp: Path | None = None):
+    """Yield a temporary path beside `path` (or `tmp`); on success it replaces `path` in one rename, on failure it
+    is removed. The file gets the mode any new file gets here (0644 under the usual umask), whatever the writer
+    used (safetensors creates its files 0600); `fsync` flushes it to disk before the rename.
 
         with atomic_path(out) as tmp:
             save_file(tensors, str(tmp))
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = Path(tmp) if tmp is not None else path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
+        if tmp.is_file():
+            os.chmod(tmp, 0o666 & ~_umask())
+            if fsync:
+                with open(tmp, "rb") as f:
+                    os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, IsADirectoryError):
             tmp.unlink()
         raise
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+def _umask() -> int:
+    """This process's umask (read by setting it and putting it back: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | Path, text: str, fsync: bool = False, tmp: Path | None = None) -> Path:
+    with atomic_path(path, fsync=fsync, tmp=tmp) as t:
+        t.write_text(text, encoding="utf-8")
     return Path(path)
 
 
-def atomic_write_json(path: str | Path, obj, indent: int | None = 1) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+def atomic_write_json(path: str | Path, obj, indent: int | None = 1, sort_keys: bool = False, fsync: bool = False,
+                      allow_nan: bool = True, tmp: Path | None = None) -> Path:
+    """The one JSON writer of anything a reader may look at while it is written (temporary file, one rename)."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=allow_nan) + "\n"
+    return atomic_write_text(path, text, fsync=fsync, tmp=tmp)
 
 
 # ------------------------------------------------------------------------------------------ JSON lines
@@ -209,6 +226,15 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 def checkpoint_step(folder: Path) -> int:
     return int(folder.name.split("_")[1])
+
+
+def step_folders(ckpt_root: Path) -> list[Path]:
+    """Every `step_*` checkpoint folder, oldest first, with or without its COMPLETE marker (what a run directory
+    holds, verified or not)."""
+    root = Path(ckpt_root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()), key=checkpoint_step)
 
 
 def list_checkpoints(ckpt_root: Path) -> list[Path]:
@@ -395,13 +421,38 @@ def resolve_resume(run_dir: Path, resume: str | None, warn=None) -> Path | None:
 
     ckpts = Path(run_dir) / CHECKPOINTS
     if not resume:
-        if list_checkpoints(ckpts):
+        if step_folders(ckpts):
             raise UserError(f"{run_dir}: already holds a run with checkpoints; continue it with --resume auto or "
                             "choose another --run-dir")
         return None
     if resume == "auto":
-        return newest_valid_checkpoint(ckpts, warn)
+        return _newest_verified(run_dir, warn)
     return require_valid_checkpoint(resume)
+
+
+def _newest_verified(run_dir: Path, warn=None) -> Path | None:
+    """--resume auto: the newest checkpoint that verifies (each newer one that does not is one `warn` line); None
+    when the run has none yet. Checkpoints that all fail to verify are a UserError listing them: starting again
+    from step 1 would overwrite the run's logs and step folders, so that is only done on purpose."""
+    from sslkit.errors import UserError
+
+    ckpts = Path(run_dir) / CHECKPOINTS
+    found = step_folders(ckpts)
+    bad: list[tuple[Path, str]] = []
+    for folder in reversed(found):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            for b, why in bad:
+                if warn is not None:
+                    warn(f"{b}: {why}; falling back to an older checkpoint")
+            return folder
+        bad.append((folder, problem))
+    if not bad:
+        return None
+    listed = "; ".join(f"{b.name}: {why}" for b, why in bad[:4]) + (f"; {len(bad) - 4} more" if len(bad) > 4 else "")
+    raise UserError(f"{run_dir}: --resume auto found {len(bad)} checkpoint(s) and none verifies ({listed}); nothing "
+                    f"was changed. To start over on purpose, move {ckpts} aside (or delete it) and run again, or "
+                    "choose another --run-dir")
 
 
 def flat_items(d: dict, prefix: str = "") -> dict:
@@ -487,15 +538,19 @@ class RunDir:
     def start_step(self) -> int:
         return checkpoint_step(self.resume_from) if self.resume_from is not None else 0
 
+    KEPT_ON_FAILURE = ("skipped.jsonl",)  # what a failed run's error line may point at
+
     def close(self, ok: bool) -> None:
-        """Release the lock; a failed run that created the directory and wrote no checkpoint leaves nothing."""
+        """Release the lock; a failed run that created the directory and wrote no checkpoint leaves nothing, unless
+        it wrote a file its error points at (the list of scans it could not read): then it is kept."""
         import shutil
 
         if self.lock is None:
             return
         self.lock.release()
         self.lock = None
-        if not ok and self.created and not list_checkpoints(self.checkpoints):
+        keep = step_folders(self.checkpoints) or any((self.root / n).is_file() for n in self.KEPT_ON_FAILURE)
+        if not ok and self.created and not keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -504,7 +559,7 @@ def _set_aside_newer(ckpt_root: Path, resume_from: Path | None, warn=None) -> No
     `checkpoints/abandoned/` (kept, never resumed from by `--resume auto`), one warning line."""
     if resume_from is None or Path(resume_from).resolve().parent != Path(ckpt_root).resolve():
         return
-    newer = [p for p in list_checkpoints(ckpt_root) if checkpoint_step(p) > checkpoint_step(resume_from)]
+    newer = [p for p in step_folders(ckpt_root) if checkpoint_step(p) > checkpoint_step(resume_from)]
     if not newer:
         return
     (ckpt_root / "abandoned").mkdir(exist_ok=True)

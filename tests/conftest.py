@@ -24,10 +24,95 @@ def demo_dir() -> Path:
     return d
 
 
+USER_DATA = ("demo_data", ".cache", "runs")  # a user's demo corpus, stores and runs in the repository
+
+
+def _user_data_files() -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every file under the repository's user-data folders."""
+    found = {}
+    for name in USER_DATA:
+        for p in (REPO / name).rglob("*") if (REPO / name).is_dir() else []:
+            if p.is_file():
+                st = p.stat()
+                found[str(p.relative_to(REPO))] = (st.st_size, st.st_mtime_ns)
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_user_data_untouched():
+    """Tests write under temporary folders only: the repository's demo_data/, .cache/ and runs/ (a user's corpus,
+    stores and runs, which `make demo` builds) are the same after the session as before it."""
+    before = _user_data_files()
+    yield
+    after = _user_data_files()
+    changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert not changed, f"the tests wrote into the repository: {', '.join(changed[:5])}" + \
+        (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+
+
+def session_root(tmp_path_factory) -> Path:
+    """A folder of this test session that its xdist worker processes share (each worker's basetemp is a
+    sub-folder of it); without xdist, the session's basetemp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once per test session, by whichever worker process asks first (the others wait for it):
+    the expensive prepared data and runs that several modules read and never change."""
+    import fcntl
+    import shutil
+
+    root = session_root(tmp_path_factory) / "built-once"
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed try left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def scan_cache(tmp_path_factory) -> Path:
-    """Preprocessed-volume cache shared by the tests' runs, so each scan is resampled once per session."""
-    return tmp_path_factory.mktemp("scan-cache")
+    """Preprocessed-volume store shared by the tests' runs (and by the xdist workers: the store locks each entry
+    while one process prepares it), so each scan is resampled once per session."""
+    cache = session_root(tmp_path_factory) / "scan-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
+
+
+SGD = {"name": "sgd", "lr": 0.05, "betas": [0.9, 0.999]}
+
+
+@pytest.fixture(scope="session")
+def sgd_reference(demo_dir, scan_cache, tmp_path_factory) -> tuple[Path, Path]:
+    """(run directory, recipe) of the uninterrupted run that the fault, resume and multi-process tests compare
+    with: `sslkit pretrain` of tiny_raw with SGD (micro-batch 2, 4 steps, a checkpoint after every step), one
+    process, one thread. Read-only: tests that change a run copy it first."""
+    def build(folder: Path) -> None:
+        cfg = write_cfg(tiny_raw(demo_dir, scan_cache, optim=SGD), folder / "ref.yaml")
+        res = cli("pretrain", "--cfg", cfg, "--run-dir", folder / "run", "--no-progress")
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    folder = built_once(tmp_path_factory, "sgd-reference", build)
+    return folder / "run", folder / "ref.yaml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_per_worker():
+    """Under xdist with a worker per core (`make test`), each worker's torch uses one intra-op thread: two OpenMP
+    threads per worker on shared cores spin-wait on each other (see one_thread). Set after collection, so a
+    module's own set_num_threads at import does not undo it."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and workers >= (os.cpu_count() or 1):
+        import torch
+
+        torch.set_num_threads(1)
+    yield
 
 
 @pytest.fixture
@@ -102,8 +187,82 @@ def job_env(**extra: str) -> dict:
 
 
 def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, env: dict | None = None):
+    """`sslkit ARGS` as a child process: for what needs one (signals, locks, launchers, import-time output).
+    Everything else uses `cli`, which skips the child's 9-15 s of imports."""
     return subprocess.run(sslkit_cmd(*args), capture_output=True, encoding="utf-8", errors="replace",
                           timeout=timeout, cwd=cwd or REPO, env=job_env(**(env or {})))
+
+
+def cli(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`sslkit ARGS` through `sslkit.cli.main` in this process, as `run_cli` runs it in a child: the same working
+    folder, environment and one thread, stdout / stderr captured at the file-descriptor level (C++ libraries'
+    output included), Python warnings printed to stderr under the interpreter's default filters (not recorded by
+    pytest), an uncaught exception as exit code 1 with its traceback on stderr, argparse's exits as their code.
+    The environment, working folder, thread count and warning filters are restored afterwards. What only a fresh
+    interpreter shows (import-time output) needs `run_cli`."""
+    import tempfile
+    import traceback
+    import warnings
+
+    import torch
+
+    from sslkit.cli import main
+
+    saved_env, saved_cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    saved_streams, saved_fds = (sys.stdout, sys.stderr), {}
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
+        for stream in saved_streams:
+            stream.flush()
+        try:
+            for fd, f in ((1, out_file), (2, err_file)):
+                saved_fds[fd] = os.dup(fd)
+                os.dup2(f.fileno(), fd)
+            sys.stdout, sys.stderr = [open(fd, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
+                                      for fd in (1, 2)]
+            os.environ.clear()
+            os.environ.update(job_env(**(env or {})))
+            os.chdir(cwd or REPO)
+            torch.set_num_threads(1)
+            try:
+                with warnings.catch_warnings():
+                    _child_warning_filters()
+                    code = main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - as a child would: a traceback on stderr and exit code 1
+                traceback.print_exc(file=sys.stderr)
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            if sys.stdout is not saved_streams[0]:
+                sys.stdout.close()
+                sys.stderr.close()
+            sys.stdout, sys.stderr = saved_streams
+            for fd, saved in saved_fds.items():
+                os.dup2(saved, fd)
+                os.close(saved)
+            os.environ.clear()
+            os.environ.update(saved_env)
+            os.chdir(saved_cwd)
+            torch.set_num_threads(threads)
+        out, err = (f.seek(0) or f.read().decode("utf-8", errors="replace") for f in (out_file, err_file))
+    return subprocess.CompletedProcess(["sslkit", *map(str, args)], code, out, err)
+
+
+def _child_warning_filters() -> None:
+    """The warning filters and output of a fresh interpreter (no -W, not in development mode)."""
+    import warnings
+
+    warnings.resetwarnings()
+    warnings.simplefilter("default")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category)
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sys.stderr.write(
+        warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def ckpt_tensors(run_dir: Path, step: int) -> tuple[dict, dict]:
@@ -116,3 +275,37 @@ def ckpt_tensors(run_dir: Path, step: int) -> tuple[dict, dict]:
 def max_abs_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
+
+
+def tiny_encoder(family: str):
+    """(encoder, input shape) of each encoder family at a size that compiles and runs in seconds on the CPU;
+    every windowed family gets shifted windows (a map larger than its window, two blocks in a stage)."""
+    import torch
+
+    from sslkit.models import build_encoder
+    from sslkit.models.qt_unet import QTUNetEncoder
+
+    torch.manual_seed(0)
+    if family == "swin_unetr_3d":
+        enc = build_encoder("swin_unetr", spatial_dims=3, in_channels=1, feature_size=12, window_size=4,
+                            depths=(2, 1, 1, 1), num_heads=(1, 2, 2, 4))
+        return enc, (2, 1, 32, 32, 32)
+    if family == "qt_unet_3d":
+        return QTUNetEncoder(spatial_dims=3, embed_dim=12, window_size=4), (1, 1, 32, 32, 32)
+    if family == "qt_unet_2d":
+        return QTUNetEncoder(spatial_dims=2, embed_dim=12, window_size=4), (2, 1, 64, 64)
+    if family == "punet_3d":
+        enc = build_encoder("punet", spatial_dims=3, channels=(8, 8, 16, 16, 16), num_heads=2, num_classes=3,
+                            prompt_tokens=2)
+        return enc, (2, 1, 32, 32, 16)
+    if family == "sam_vit":
+        enc = build_encoder("sam_vit", img_size=64, embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,),
+                            window_size=2, neck_chans=16)
+        return enc, (2, 1, 64, 64)
+    if family == "vit_3d":
+        enc = build_encoder("vit", spatial_dims=3, patch_size=8, embed_dim=24, depth=2, num_heads=2)
+        return enc, (2, 1, 32, 32, 32)
+    raise ValueError(family)
+
+
+ENCODER_FAMILIES = ("swin_unetr_3d", "qt_unet_3d", "qt_unet_2d", "punet_3d", "sam_vit", "vit_3d")

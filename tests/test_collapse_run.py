@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import run_cli, tiny_raw, write_cfg
+from conftest import cli, tiny_raw, write_cfg
 
 ALARM = {"metric": "embedding_std", "below": 0.1, "patience": 3, "action": "stop_keep_healthy"}
 
@@ -31,7 +31,7 @@ def collapse_and_healthy(demo_dir, scan_cache, tmp_path_factory):
     for name, byol, lr in (("collapse", {"use_predictor": False, "tau_base": 0.0, "tau_schedule": "constant"}, 0.5),
                            ("healthy", {"use_predictor": True, "tau_base": 0.99}, 0.05)):
         cfg = write_cfg(_raw(demo_dir, scan_cache, byol, lr), root / f"{name}.yaml")
-        res = run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(root / name))
+        res = cli("pretrain", "--cfg", str(cfg), "--run-dir", str(root / name))
         runs[name] = (root / name, res)
     return runs
 
@@ -64,7 +64,7 @@ def test_healthy_run_raises_no_alarm(collapse_and_healthy):
 
 def test_probe_command_on_a_checkpoint(collapse_and_healthy):
     run_dir, _ = collapse_and_healthy["healthy"]
-    res = run_cli("probe", str(run_dir))
+    res = cli("probe", str(run_dir))
     assert res.returncode == 0, res.stderr[-2000:]
     stats = json.loads(res.stdout)
     assert stats["checkpoint"].endswith("step_00000010")

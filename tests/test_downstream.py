@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -20,6 +21,8 @@ from sslkit.models.registry import register_segmenter
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_2D = ROOT / "downstream" / "demo_mni_gm_wm_2d.yaml"
+# the MNI152 GM/WM demo these tests build: outside the repository, whose .cache/ and demo_data/ are a user's
+MNI_ROOT = Path(tempfile.gettempdir()) / "sslkit-test-mni"
 
 torch.set_num_threads(2)
 
@@ -159,7 +162,7 @@ def test_predict_returns_original_geometry(tmp_path):
 
 def _tiny_cfg(tmp_path: Path, schedule: str = "constant", **train) -> dict:
     return {
-        "data": {"layout": "mni_gm_wm", "root": str(ROOT / ".cache" / "sslkit" / "demo_mni_gm_wm"),
+        "data": {"layout": "mni_gm_wm", "root": str(MNI_ROOT),
                  "num_classes": 3, "spacing": [2.0, 2.0], "modality": "mri", "roi": [64, 64],
                  "samples_per_volume": 1, "flip_prob": 0.0, "rot90_prob": 0.0},
         "model": {"name": "swin_unetr", "spatial_dims": 2,
@@ -226,7 +229,7 @@ def test_finetune_demo_reaches_dice_then_evaluate_compare_resume(tmp_path):
     from sslkit.downstream.evaluate import compare, evaluate
     from sslkit.downstream.train import finetune
 
-    over = ["train.max_steps=60", "train.val_every=60", f"data.root={ROOT / '.cache/sslkit/demo_mni_gm_wm'}",
+    over = ["train.max_steps=60", "train.val_every=60", f"data.root={MNI_ROOT}",
             "train.val_cases=6", "train.batch_size=2",
             "model.args={feature_size: 12, window_size: 4, depths: [1, 1, 1, 1]}"]
     cfg = load_downstream_config(DEMO_2D, over)
@@ -393,5 +396,26 @@ def test_finetune_resumes_mid_run_exactly(tmp_path, monkeypatch, schedule):
     assert sa == sb == 4
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = lambda d: [ln for ln in (d / "metrics.jsonl").read_text(encoding="utf-8").splitlines() if ln.strip()]
-    strip = lambda r: {k: v for k, v in json.loads(r).items() if k not in ("eta_s", "step_time", "samples_per_s")}
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if k not in ("eta_s", "step_time", "samples_per_s", "time")}
     assert [strip(r) for r in rows(tmp_path / "full")] == [strip(r) for r in rows(tmp_path / "cut")]
+
+
+def test_normalised_surface_dice_matches_monai_and_its_limits():
+    from monai.metrics import compute_surface_dice
+
+    from sslkit.downstream.metrics import case_metrics
+
+    gt = torch.zeros(24, 24, 24, dtype=torch.long)
+    gt[5:15, 5:15, 5:15] = 1
+    gt[16:20, 16:20, 16:20] = 2
+    shifted = torch.roll(gt, 1, dims=0)
+    for tol, spacing in ((0.5, 1.0), (1.5, 1.0), (3.0, 2.0)):
+        m = case_metrics(shifted, gt, 3, spacing, nsd_tolerance=[tol, tol])
+        oh = lambda t: torch.nn.functional.one_hot(t, 3).movedim(-1, 0)[None].float()  # noqa: E731
+        ref = compute_surface_dice(oh(shifted), oh(gt), [tol, tol], include_background=False, spacing=spacing)[0]
+        assert m["nsd"] == pytest.approx(ref.tolist())
+    assert case_metrics(shifted, gt, 3, 1.0, nsd_tolerance=1.5)["nsd"] == pytest.approx([1.0, 1.0])
+    assert case_metrics(gt, gt, 3, 1.0)["nsd"] == [1.0, 1.0]
+    missed = gt.clone()
+    missed[missed == 2] = 0
+    assert case_metrics(missed, gt, 3, 1.0)["nsd"][1] == 0.0

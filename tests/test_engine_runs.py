@@ -1,4 +1,5 @@
-"""End-to-end engine runs through the CLI: 2 CPU processes under ZeRO-2/3, SIGKILL + resume, bad input."""
+"""End-to-end engine runs through the CLI: 2 CPU processes under ZeRO-2/3, SIGKILL + resume, bad input. Commands
+run in this process (conftest.cli) except the launcher and the killed run."""
 
 from __future__ import annotations
 
@@ -12,20 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (REPO, ckpt_tensors, free_port, job_env, max_abs_diff, run_cli, sslkit_cmd, tiny_raw,
-                      write_cfg)
-
-SGD = {"name": "sgd", "lr": 0.05, "betas": [0.9, 0.999]}
+from conftest import SGD, REPO, ckpt_tensors, cli, free_port, job_env, max_abs_diff, sslkit_cmd, tiny_raw, write_cfg
 
 
 @pytest.fixture(scope="module")
-def reference_run(demo_dir, scan_cache, tmp_path_factory):
-    """One process, micro-batch 2, 4 steps, through the CLI (the way a user runs it)."""
-    root = tmp_path_factory.mktemp("ref")
-    cfg = write_cfg(tiny_raw(demo_dir, scan_cache, optim=SGD), root / "ref.yaml")
-    res = run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(root / "run"), "--no-progress")
-    assert res.returncode == 0, res.stderr[-3000:]
-    return root / "run", cfg
+def reference_run(sgd_reference):
+    """One process, micro-batch 2, 4 steps, through the CLI (the way a user runs it; conftest)."""
+    return sgd_reference
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -64,7 +58,7 @@ def test_sigkill_then_resume_equals_uninterrupted(reference_run, tmp_path):
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     assert not (run_dir / "encoder.safetensors").exists()  # it really stopped mid-run
 
-    res = run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress",
+    res = cli("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress",
                   "--set", "train.ckpt_every=2", "--resume", "auto")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed from" in res.stdout + res.stderr
@@ -83,7 +77,7 @@ def test_export_command_writes_encoder(reference_run, tmp_path):
     from safetensors.torch import load_file
 
     ref_dir, _ = reference_run
-    res = run_cli("export", "--run-dir", str(ref_dir), "--out", str(tmp_path / "enc.safetensors"))
+    res = cli("export", "--run-dir", str(ref_dir), "--out", str(tmp_path / "enc.safetensors"))
     assert res.returncode == 0, res.stderr
     exported = load_file(str(tmp_path / "enc.safetensors"))
     assert max_abs_diff(exported, load_file(str(ref_dir / "encoder.safetensors"))) == 0.0
@@ -102,13 +96,13 @@ def _one_line_error(res, *needles):
 
 def test_cli_bad_config_and_paths(demo_dir, scan_cache, tmp_path):
     cfg = write_cfg(tiny_raw(demo_dir, scan_cache), tmp_path / "c.yaml")
-    _one_line_error(run_cli("pretrain", "--cfg", str(cfg), "--set", "train.max_step=3"),
+    _one_line_error(cli("pretrain", "--cfg", str(cfg), "--set", "train.max_step=3"),
                     "train.max_step", "did you mean 'train.max_steps'")
-    _one_line_error(run_cli("pretrain", "--cfg", str(cfg), "--set", "optim.lr=fast"), "optim.lr", "number")
-    _one_line_error(run_cli("pretrain", "--cfg", str(tmp_path / "missing.yaml")), "missing.yaml", "not found")
-    _one_line_error(run_cli("pretrain", "--cfg", str(cfg), "--set", f"data.datalist={tmp_path}/none.json",
+    _one_line_error(cli("pretrain", "--cfg", str(cfg), "--set", "optim.lr=fast"), "optim.lr", "number")
+    _one_line_error(cli("pretrain", "--cfg", str(tmp_path / "missing.yaml")), "missing.yaml", "not found")
+    _one_line_error(cli("pretrain", "--cfg", str(cfg), "--set", f"data.datalist={tmp_path}/none.json",
                             "--run-dir", str(tmp_path / "r")), "none.json")
-    _one_line_error(run_cli("export", "--run-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")),
+    _one_line_error(cli("export", "--run-dir", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")),
                     "nothing")
 
 
@@ -134,7 +128,7 @@ def test_bad_scans_are_skipped_and_recorded(demo_dir, scan_cache, tmp_path):
     raw = tiny_raw(demo_dir, scan_cache, train={"max_steps": 2, "ckpt_every": 0},
                    data={"datalist": str(tmp_path / "list.json")})
     cfg = write_cfg(raw, tmp_path / "c.yaml")
-    res = run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress")
+    res = cli("pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
     skipped = [json.loads(x) for x in (tmp_path / "run" / "skipped.jsonl").read_text(encoding="utf-8").splitlines()]
     names = {Path(s["path"]).name for s in skipped}
@@ -154,9 +148,9 @@ def test_every_subcommand_has_help(command):
 
 
 def test_info_and_data_index(demo_dir, tmp_path):
-    res = run_cli("info")
+    res = cli("info")
     assert res.returncode == 0 and "deepspeed" in res.stdout and "torch" in res.stdout
-    res = run_cli("data", "index", str(demo_dir), "--out", str(tmp_path / "dl.json"))
+    res = cli("data", "index", str(demo_dir), "--out", str(tmp_path / "dl.json"))
     assert res.returncode == 0, res.stderr
     found = json.loads((tmp_path / "dl.json").read_text(encoding="utf-8"))["training"]
     assert any(e["image"].endswith("ct_head.nii.gz") for e in found)
@@ -165,6 +159,6 @@ def test_info_and_data_index(demo_dir, tmp_path):
 def test_new_run_refuses_a_run_directory_with_checkpoints(reference_run):
     ref_dir, cfg = reference_run
     kept = {n: (ref_dir / n).read_bytes() for n in ("metrics.jsonl", "config.yaml", "encoder.safetensors")}
-    _one_line_error(run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(ref_dir), "--set", "train.seed=9"),
+    _one_line_error(cli("pretrain", "--cfg", str(cfg), "--run-dir", str(ref_dir), "--set", "train.seed=9"),
                     str(ref_dir), "--resume auto")
     assert all((ref_dir / n).read_bytes() == b for n, b in kept.items())  # nothing already written is lost

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -31,7 +32,8 @@ from sslkit.monitor import (
 from sslkit.monitor.dashboard import JsonlTail, RunData, columns_of, make_server
 
 REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "test-artifacts"
+# screenshots for people to look at: a temporary folder unless SSLKIT_TEST_ARTIFACTS names one
+ARTIFACTS = Path(os.environ["SSLKIT_TEST_ARTIFACTS"]) if os.environ.get("SSLKIT_TEST_ARTIFACTS") else None
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -340,8 +342,8 @@ def test_dashboard_html_in_chromium(tmp_path):
     # a screenshot with two runs overlaid, for people to look at
     make_run(tmp_path / "byol_healthy", collapse_from=None, seed=1)
     both = write_html([tmp_path / "byol_healthy", run], tmp_path / "both.html")
-    ARTIFACTS.mkdir(exist_ok=True)
-    shot = ARTIFACTS / "dashboard.png"
+    shot = (ARTIFACTS or tmp_path) / "dashboard.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
     shot.unlink(missing_ok=True)
     run_chromium(both.as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1440,2300",
                  "--hide-scrollbars")
@@ -394,3 +396,38 @@ def test_dashboard_main_writes_html_and_names_bad_paths(tmp_path, capsys):
         dashboard_main([tmp_path / "no_such_run"], port=0, html_out=tmp_path / "x.html")
     with pytest.raises(UserError, match="no run directories"):
         dashboard_main([tmp_path / "out"], port=0, html_out=tmp_path / "x.html")
+
+
+def _add_task_probe(run_dir: Path, every: int = 10) -> dict:
+    """Task-probe rows as a run with monitor.task_probe writes them: the step-0 row with both references, then the
+    probe every `every` steps. Returns the reference values."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    refs = {"task_probe/ref_random/dice_mean": 0.46, "task_probe/ref_intensity/dice_mean": 0.21,
+            "task_probe/ref_random/dice/frontal": 0.55, "task_probe/ref_intensity/dice/frontal": 0.40}
+    zero = {"step": 0, "task_probe/dice_mean": 0.46, "task_probe/dice/frontal": 0.55, **refs}
+    for r in rows:
+        if r["step"] % every == 0:
+            r.update({"task_probe/dice_mean": 0.46 + 0.002 * r["step"], "task_probe/dice/frontal": 0.55 + 0.001 * r["step"]})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [zero, *rows]), encoding="utf-8")
+    return refs
+
+
+def test_dashboard_task_probe_panel_in_chromium(tmp_path):
+    """The task-probe panel: probe Dice over steps with the random-init and intensity-only lines, per class too."""
+    _chromium()
+    run = make_run(tmp_path / "byol_probe", collapse_from=None, seed=2)
+    refs = _add_task_probe(run)
+    page = write_html([run], tmp_path / "probe.html")
+    dom = run_chromium(page.as_uri(), tmp_path, "--dump-dom")
+    pts = chart_points(dom)
+    assert pts["task_probe/dice_mean"] == STEPS // 10 + 1 and pts["task_probe/dice/frontal"] == STEPS // 10 + 1
+    assert "Task probe: does the encoder separate your labels?" in dom
+    lines = re.findall(r'<line[^>]*class="reference"[^>]*data-label="([^"]+)"', dom)
+    assert lines.count("random init") == 2 and lines.count("intensity only") == 2    # mean and per-class charts
+    labels = re.findall(r'class="reference-label"[^>]*>([^<]+)<', dom)
+    assert f"intensity only {refs['task_probe/ref_intensity/dice_mean']}" in labels
+    assert "probe Dice" in dom                                                   # the run card's figure
+    shot = (ARTIFACTS or tmp_path) / "dashboard_task_probe.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    run_chromium(page.as_uri(), tmp_path, f"--screenshot={shot}", "--window-size=1440,1300", "--hide-scrollbars")
+    assert shot.exists() and shot.stat().st_size > 20_000

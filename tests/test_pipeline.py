@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, ckpt_tensors, max_abs_diff, run_cli, tiny_raw, write_cfg
+from conftest import REPO, ckpt_tensors, cli, max_abs_diff, run_cli, tiny_raw, write_cfg
 
 PLAN_KEYS = {"encoder", "spatial_dims", "in_channels", "orientation", "spacing", "intensity", "crop_foreground",
              "crop_size", "axis_order", "feature_channels", "feature_strides", "sslkit_version", "recipe"}
@@ -33,7 +33,7 @@ def _qt_raw(demo_dir, cache, **sections):
 def pretrained(demo_dir, scan_cache, tmp_path_factory):
     root = tmp_path_factory.mktemp("pre")
     cfg = write_cfg(_qt_raw(demo_dir, scan_cache), root / "qt_byol.yaml")
-    res = run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(root / "run"), "--no-progress")
+    res = cli("pretrain", "--cfg", str(cfg), "--run-dir", str(root / "run"), "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
     return root / "run", cfg
 
@@ -65,16 +65,16 @@ def test_plan_travels_with_every_weights_file(pretrained, tmp_path):
     assert read_plan(run / "checkpoints" / "step_00000001")["encoder"] == plan["encoder"]  # checkpoints too
     assert read_plan(run) == plan                                                          # a run directory
 
-    res = run_cli("export", "--run-dir", str(run), "--out", str(tmp_path / "e.safetensors"), "--checkpoint",
+    res = cli("export", "--run-dir", str(run), "--out", str(tmp_path / "e.safetensors"), "--checkpoint",
                   str(run / "checkpoints" / "step_00000001"))
     assert res.returncode == 0, res.stderr
     exported = read_plan(tmp_path / "e.safetensors")
     assert exported["source"]["step"] == 1 and exported["spacing"] == plan["spacing"]
     for target in (run / "encoder.safetensors", run / "checkpoints" / "step_00000002", run):
-        res = run_cli("info", str(target))
+        res = cli("info", str(target))
         assert res.returncode == 0, res.stderr
         assert "spacing         [3.0, 3.0, 3.0] mm" in res.stdout and "intensity mri   percentile" in res.stdout
-    assert json.loads(run_cli("info", str(run), "--json").stdout)["encoder"]["name"] == "qt_unet"
+    assert json.loads(cli("info", str(run), "--json").stdout)["encoder"]["name"] == "qt_unet"
 
 
 def test_finetune_builds_from_the_plan_and_predict_uses_the_models_plan(pretrained, demo_dir, tmp_path):
@@ -82,7 +82,7 @@ def test_finetune_builds_from_the_plan_and_predict_uses_the_models_plan(pretrain
 
     run, _ = pretrained
     recipe = write_cfg(_downstream_raw(demo_dir), tmp_path / "down.yaml")
-    res = run_cli("finetune", "--cfg", str(recipe), "--encoder", str(run), "--run-dir", str(tmp_path / "ft"),
+    res = cli("finetune", "--cfg", str(recipe), "--encoder", str(run), "--run-dir", str(tmp_path / "ft"),
                   "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "warning" not in res.stderr and "sslkit evaluate" in res.stdout
@@ -93,12 +93,12 @@ def test_finetune_builds_from_the_plan_and_predict_uses_the_models_plan(pretrain
     model_plan = read_plan(tmp_path / "ft")
     assert model_plan["kind"] == "segmenter" and model_plan["segmenter"]["num_classes"] == 3
     assert model_plan["spacing"] == [3.0, 3.0, 3.0] and model_plan["input_stats"]["cases"] == 1
-    res = run_cli("info", str(tmp_path / "ft"))
+    res = cli("info", str(tmp_path / "ft"))
     assert res.returncode == 0 and "segmenter       qt_unet" in res.stdout
 
     # predict on the full brain: the model's plan preprocesses it; the hemisphere-trained model says the field
     # of view is far from what it saw
-    res = run_cli("predict", "--ckpt", str(tmp_path / "ft"), "--input", str(demo_dir / "mri_mni152_t1.nii.gz"),
+    res = cli("predict", "--ckpt", str(tmp_path / "ft"), "--input", str(demo_dir / "mri_mni152_t1.nii.gz"),
                   "--output", str(tmp_path / "pred"))
     assert res.returncode == 0, res.stderr[-3000:]
     warn = [ln for ln in res.stderr.splitlines() if ln.startswith("sslkit: warning:")]
@@ -110,7 +110,7 @@ def test_a_recipe_that_differs_from_the_plan_warns_and_strict_plan_refuses(pretr
     run, _ = pretrained
     raw = _downstream_raw(demo_dir, spacing=[2.0, 2.0, 2.0], mri_norm="zscore_nonzero", roi=[32, 32, 32])
     recipe = write_cfg(raw, tmp_path / "down.yaml")
-    res = run_cli("finetune", "--cfg", str(recipe), "--encoder", str(run), "--run-dir", str(tmp_path / "strict"),
+    res = cli("finetune", "--cfg", str(recipe), "--encoder", str(run), "--run-dir", str(tmp_path / "strict"),
                   "--strict-plan")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     err = [ln for ln in res.stderr.splitlines() if ln.startswith("sslkit: error:")]
@@ -119,7 +119,7 @@ def test_a_recipe_that_differs_from_the_plan_warns_and_strict_plan_refuses(pretr
     assert 'data.mri_norm: "percentile" -> "zscore_nonzero"' in err[0] and "--strict-plan" in err[0]
     assert not (tmp_path / "strict").exists()  # refused before anything was written
 
-    res = run_cli("finetune", "--cfg", str(recipe), "--encoder", str(run), "--run-dir", str(tmp_path / "warned"),
+    res = cli("finetune", "--cfg", str(recipe), "--encoder", str(run), "--run-dir", str(tmp_path / "warned"),
                   "--no-progress", "--set", "train.max_steps=1", "--set", "train.val_every=1")
     assert res.returncode == 0, res.stderr[-3000:]
     warn = [ln for ln in res.stderr.splitlines() if ln.startswith("sslkit: warning:")]
@@ -139,10 +139,10 @@ def test_fine_tuning_refuses_a_used_run_directory_and_a_failed_run_leaves_nothin
     raw["model"] = {"name": "qt_unet", "args": {"variant": "tiny", "window_size": 4}}
     raw["train"].update(max_steps=1, val_every=1)
     recipe = write_cfg(raw, tmp_path / "r.yaml")
-    res = run_cli("finetune", "--cfg", str(recipe), "--run-dir", str(tmp_path / "ft"), "--no-progress")
+    res = cli("finetune", "--cfg", str(recipe), "--run-dir", str(tmp_path / "ft"), "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
     kept = {p: p.read_bytes() for p in (tmp_path / "ft").rglob("*") if p.is_file()}
-    res = run_cli("finetune", "--cfg", str(recipe), "--run-dir", str(tmp_path / "ft"))
+    res = cli("finetune", "--cfg", str(recipe), "--run-dir", str(tmp_path / "ft"))
     assert res.returncode == 2 and "already holds a run with checkpoints" in res.stderr and "--resume auto" in res.stderr
     assert all(p.read_bytes() == b for p, b in kept.items())
 
@@ -154,7 +154,7 @@ def test_fine_tuning_refuses_a_used_run_directory_and_a_failed_run_leaves_nothin
     (tmp_path / "list.json").write_text(json.dumps({"training": [{"image": "im.nii.gz", "label": "lb.nii.gz"}],
                                                     "validation": [{"image": "im.nii.gz", "label": "lb.nii.gz"}]}))
     bad = dict(raw, data={"root": str(tmp_path / "list.json"), "roi": [16, 16, 16], "spacing": []})
-    res = run_cli("finetune", "--cfg", str(write_cfg(bad, tmp_path / "bad.yaml")), "--run-dir", str(tmp_path / "x"))
+    res = cli("finetune", "--cfg", str(write_cfg(bad, tmp_path / "bad.yaml")), "--run-dir", str(tmp_path / "x"))
     assert res.returncode == 2, res.stderr[-2000:]
     line = [ln for ln in res.stderr.splitlines() if ln.startswith("sslkit: error:")][0]
     assert "lb.nii.gz" in line and "im.nii.gz" in line and "affine" in line
@@ -167,7 +167,7 @@ def test_device_picker_is_one_line_in_both_loops(demo_dir, scan_cache, tmp_path)
     cfg = write_cfg(tiny_raw(demo_dir, scan_cache), tmp_path / "c.yaml")
     for cmd in (["pretrain", "--cfg", str(cfg)],
                 ["finetune", "--cfg", str(REPO / "downstream" / "demo_mni_gm_wm.yaml")]):
-        res = run_cli(*cmd, "--set", "train.device=cuda", "--run-dir", str(tmp_path / cmd[0]))
+        res = cli(*cmd, "--set", "train.device=cuda", "--run-dir", str(tmp_path / cmd[0]))
         assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
         assert "train.device: cuda asked for" in res.stderr
         assert not (tmp_path / cmd[0]).exists()
@@ -193,10 +193,12 @@ def test_both_schemas_share_their_sections_and_check_enumerations_on_read():
         return {f.name: f.type for f in dataclasses.fields(cls)}
 
     pre, down = types(Config), types(DownstreamConfig)
-    for name, cls in (("optim", OptimConfig), ("model", ModelConfig), ("logging", LoggingConfig)):
+    for name, cls in (("model", ModelConfig), ("logging", LoggingConfig)):
         assert pre[name] in (cls, cls.__name__) and down[name] in (cls, cls.__name__)
     import sslkit.config as C
     import sslkit.downstream.config as DC
+
+    assert pre["optim"] in (OptimConfig, "OptimConfig") and issubclass(DC.FinetuneOptimConfig, OptimConfig)
 
     assert issubclass(C.PretrainTrainConfig, TrainConfig) and issubclass(DC.FinetuneTrainConfig, TrainConfig)
     assert issubclass(C.DataConfig, PreprocessConfig) and issubclass(DC.DownstreamDataConfig, PreprocessConfig)
@@ -223,7 +225,7 @@ def test_model_and_objective_options_fail_before_any_scan_is_read(demo_dir, tmp_
     for override, needle in cases:
         cur = dict(raw, objectives=[dict(raw["objectives"][0], head_norm="batch")])
         cfg = write_cfg(cur, tmp_path / "c.yaml")
-        res = run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--set", override)
+        res = cli("pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--set", override)
         assert res.returncode == 2 and needle in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
         assert not cache.exists() and not (tmp_path / "run").exists()  # no scan was preprocessed
 
@@ -330,14 +332,14 @@ def test_every_cli_option_has_help():
 def test_commands_say_what_a_newcomer_needs(pretrained, tmp_path, demo_dir, scan_cache):
     run, _ = pretrained
     for cmd in (["evaluate", str(run)], ["compare", str(run), str(run)]):
-        res = run_cli(*cmd)
+        res = cli(*cmd)
         assert res.returncode == 2 and "a pretraining run" in res.stderr and "sslkit finetune" in res.stderr
     # a relative datalist that does not exist says how to make one
     raw = tiny_raw(demo_dir, scan_cache, data={"datalist": "demo_data/datalist.json"})
-    res = run_cli("pretrain", "--cfg", str(write_cfg(raw, tmp_path / "c.yaml")), "--run-dir", str(tmp_path / "r"),
+    res = cli("pretrain", "--cfg", str(write_cfg(raw, tmp_path / "c.yaml")), "--run-dir", str(tmp_path / "r"),
                   cwd=tmp_path)
     assert res.returncode == 2 and "sslkit data demo" in res.stderr and "--set data.datalist=" in res.stderr
-    # start-up chatter of third-party libraries is silenced
+    # start-up chatter of third-party libraries is silenced (a child process: import-time output shows only there)
     res = run_cli("pretrain", "--cfg", str(write_cfg(tiny_raw(demo_dir, scan_cache, train={"max_steps": 1}),
                                                      tmp_path / "one.yaml")),
                   "--run-dir", str(tmp_path / "one"), "--no-progress")

@@ -6,7 +6,6 @@ uninterrupted one, and VoCo items are deterministic with targets that match thei
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import shutil
@@ -21,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, ckpt_tensors, free_port, job_env, max_abs_diff, tiny_raw
+from conftest import REPO, ckpt_tensors, cli, free_port, job_env, max_abs_diff, tiny_raw
 from sslkit.config import DataConfig, ViewConfig, config_from_dict
 from sslkit.data.datalist import load_datalist
 from sslkit.data.multicrop import overlap_targets, voco_region
-from sslkit.data.prepare import (SKIPPED_NAME, add_prepare_parser, part_indices, prepare_store, prepare_with_ranks,
+from sslkit.data.prepare import (SKIPPED_NAME, part_indices, prepare_store, prepare_with_ranks,
                                  wait_for_parts)
 from sslkit.data.pretrain import PretrainDataset
 from sslkit.data.store import VolumeStore
@@ -240,11 +239,8 @@ def test_a_fixed_scan_leaves_the_skip_list(demo_dir, tmp_path):
 
 
 def _prepare_cli(*args: str) -> list[str]:
-    """`sslkit data prepare ARGS` through the parser this module adds (until the CLI wires it)."""
-    code = ("import argparse, sys; from sslkit.data.prepare import add_prepare_parser; "
-            "p = argparse.ArgumentParser(prog='sslkit data'); add_prepare_parser(p.add_subparsers()); "
-            "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))")
-    return [sys.executable, "-c", code, "prepare", *args]
+    """`sslkit data prepare ARGS` in a child process."""
+    return [sys.executable, "-m", "sslkit", "data", "prepare", *args]
 
 
 def test_a_bad_store_dtype_is_one_config_error_before_any_scan_is_read(corpus, tmp_path):
@@ -258,12 +254,15 @@ def test_a_bad_store_dtype_is_one_config_error_before_any_scan_is_read(corpus, t
 
 
 def test_parser_documents_every_option_and_refuses_bad_parts(tmp_path):
-    p = argparse.ArgumentParser()
-    sub = add_prepare_parser(p.add_subparsers())
+    from sslkit.cli import build_parser
+
+    p = build_parser()
+    data = p._subparsers._group_actions[0].choices["data"]
+    sub = data._subparsers._group_actions[0].choices["prepare"]
     actions = [a for a in sub._actions if a.dest != "help"]
     assert {a.dest for a in actions} == {"cfg", "overrides", "out", "workers", "part", "parts", "no_progress"}
     assert all(a.help for a in actions)
-    a = p.parse_args(["prepare", "--cfg", "r.yaml", "--out", "s", "--part", "2", "--parts", "2"])
+    a = p.parse_args(["data", "prepare", "--cfg", "r.yaml", "--out", "s", "--part", "2", "--parts", "2"])
     with pytest.raises(UserError, match="part 2 of 2"):
         a.func(a)
 
@@ -290,7 +289,7 @@ def test_killed_prepare_resumes_without_redoing_finished_scans(demo_dir, tmp_pat
             for k in store.keys()}
     assert 1 <= len(done) < 6 and not (out / "store.json").exists()
 
-    res = subprocess.run(cmd, cwd=REPO, env=job_env(), capture_output=True, encoding="utf-8", timeout=600)
+    res = cli(*cmd[3:])  # the same command, continued in this process
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"prepared {6 - len(done)} scans, {len(done)} already in the store" in res.stdout
     assert len(store.keys()) == 6 and not [p for p in out.iterdir() if ".tmp-" in p.name]
@@ -459,9 +458,7 @@ def test_objectives_declare_their_data_and_the_composite_merges_it():
 
 @pytest.mark.slow
 def test_demo_voco_recipe_trains_from_pipeline_crops(demo_dir, tmp_path):
-    from conftest import run_cli
-
-    res = run_cli("pretrain", "--cfg", str(REPO / "pretrain_configs" / "demo_voco.yaml"), "--run-dir",
+    res = cli("pretrain", "--cfg", str(REPO / "pretrain_configs" / "demo_voco.yaml"), "--run-dir",
                   str(tmp_path / "run"), "--no-progress", "--set", f"data.datalist={demo_dir / 'datalist.json'}",
                   "--set", f"data.cache_dir={tmp_path / 'store'}", "--set", "train.max_steps=3",
                   "--set", "monitor.probe_every=0")

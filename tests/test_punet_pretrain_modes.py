@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli
 from sslkit.config import DataConfig, load_config
 from sslkit.data import PretrainDataset, load_datalist
 from sslkit.errors import ConfigError
@@ -143,7 +143,7 @@ def test_joint_recipe_and_label_check():
 
 def _run(tmp_path: Path, name: str, datalist: Path, cache: Path, steps: int, *sets: str) -> list[dict]:
     run = tmp_path / name
-    res = run_cli("pretrain", "--cfg", str(RECIPE), "--run-dir", str(run), "--no-progress",
+    res = cli("pretrain", "--cfg", str(RECIPE), "--run-dir", str(run), "--no-progress",
                   "--set", f"data.datalist={datalist}", "--set", f"data.cache_dir={cache}",
                   "--set", f"train.max_steps={steps}", "--set", "train.ckpt_every=0",
                   "--set", f"data.datalist_key={MNI_KEY}", "--set", "data.modality=mri", *sets)

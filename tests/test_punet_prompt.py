@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import cli
 from safetensors.torch import save_file
 
 from sslkit.downstream.adapt import adapt, build_model
@@ -94,11 +94,11 @@ def test_prompt_tuning_a_new_class_reaches_dice_on_held_out_ct(tmp_path, demo_di
     """The issue's demo, shortened: joint pretraining (bone labels + CPA; soft tissue never in the loss) on the
     demo head CT, then only soft tissue's prompts are tuned on the left half; Dice on the right half."""
     pre = tmp_path / "joint"
-    r = run_cli("pretrain", "--cfg", "pretrain_configs/demo_punet_joint.yaml", "--run-dir", str(pre),
+    r = cli("pretrain", "--cfg", "pretrain_configs/demo_punet_joint.yaml", "--run-dir", str(pre),
                 "--set", f"data.datalist={demo_dir / 'datalist.json'}", "--set", "train.max_steps=40",
                 "--set", f"data.cache_dir={tmp_path / 'cache'}")
     assert r.returncode == 0, r.stderr[-2000:]
-    r = run_cli("finetune", "--cfg", RECIPE, "--encoder", str(pre), "--run-dir", str(tmp_path / "prompt"),
+    r = cli("finetune", "--cfg", RECIPE, "--encoder", str(pre), "--run-dir", str(tmp_path / "prompt"),
                 "--set", f"data.root={demo_dir}", "--set", "train.max_steps=40", "--set", "train.val_every=40")
     assert r.returncode == 0, r.stderr[-2000:]
     val = [x for x in _rows(tmp_path / "prompt") if "val_dice" in x][-1]["val_dice"]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,9 @@ from sslkit.errors import DataError
 
 AUTOSAM = "downstream/demo_acdc_autosam.yaml"
 MSA_DEMO = "downstream/demo_btcv_msa.yaml"
+# where these tests build the recipes' demo data: outside the repository, whose demo_data/ and .cache/ are a user's
+MNI_ROOT = Path(tempfile.gettempdir()) / "sslkit-test-mni"
+ACDC_ROOT = Path(tempfile.gettempdir()) / "sslkit-test-acdc-mni"
 
 
 def _adapter_values(dim: int, ratio: float) -> int:
@@ -84,7 +89,7 @@ def test_msa_finetune_changes_only_adapters_and_head(tmp_path):
     from sslkit.downstream.train import finetune
 
     cfg = load_downstream_config(MSA_DEMO, ["train.max_steps=3", "train.val_every=3", "train.val_cases=1",
-                                            "data.samples_per_volume=1"])
+                                            "data.samples_per_volume=1", f"data.root={MNI_ROOT}"])
     torch.manual_seed(3)
     donor = {k: v + 0.01 for k, v in build_model(cfg).encoder.state_dict().items() if "adapter" not in k}
     save_file(donor, str(tmp_path / "encoder.safetensors"))
@@ -165,7 +170,7 @@ class _SliceNet(nn.Module):
 
 
 def test_slice_pipeline_predicts_by_slice_and_scores_in_3d():
-    cfg = load_downstream_config(AUTOSAM)
+    cfg = load_downstream_config(AUTOSAM, [f"data.root={ACDC_ROOT}"])
     data = make_datasets(cfg.data)
     train_ds, val_ds, val_cases = data.train, data.val, data.val_cases
     vol = train_ds.volumes[0]
@@ -194,7 +199,7 @@ def test_slice_pipeline_predicts_by_slice_and_scores_in_3d():
 
 
 def test_spacing_zero_keeps_the_slice_spacing(tmp_path):
-    cfg = load_downstream_config(AUTOSAM, ["data.spacing=[3.0, 3.0, 0.0]"])
+    cfg = load_downstream_config(AUTOSAM, ["data.spacing=[3.0, 3.0, 0.0]", f"data.root={ACDC_ROOT}"])
     val_ds = make_datasets(cfg.data).val
     assert [round(float(s), 3) for s in val_ds[0]["image"].pixdim] == [3.0, 3.0, 1.0]  # the 1 mm source's slices
 
@@ -211,7 +216,7 @@ def test_head_trains_on_one_labelled_volume(head, steps, tmp_path):
     from sslkit.downstream.train import finetune
 
     cfg = load_downstream_config(AUTOSAM, [f"model.args.head={head}", f"train.max_steps={steps}",
-                                           f"train.val_every={steps}"])
+                                           f"train.val_every={steps}", f"data.root={ACDC_ROOT}"])
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     data = make_datasets(cfg.data)

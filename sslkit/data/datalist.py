@@ -31,7 +31,7 @@ def _is_label_path(path: Path, root: Path) -> bool:
     return stem.endswith(_LABEL_STEM_SUFFIXES)
 
 
-def index_folder(root: str | Path, check_series: bool = True, warn=None) -> list[dict]:
+def index_folder(root: str | Path, check_series: bool = True, warn=None, inspect: bool = False) -> list[dict]:
     """Find scans under `root`: files ending .nii/.nii.gz/.nrrd/.nhdr/.mha/.mhd, and folders holding DICOM
     files (one entry per folder, i.e. per series). Label-looking files (under labels*/masks* folders, or named
     *_label/*_seg/*_mask) are left out. Returns sorted `[{"image": absolute path}, ...]`.
@@ -39,7 +39,10 @@ def index_folder(root: str | Path, check_series: bool = True, warn=None) -> list
     check_series: each DICOM folder's headers are checked (`readers.check_dicom_series`); a folder the readers
     would refuse (missing slices, two images at one position, ...) is left out, and every problem or documented
     choice (several series in one folder, duplicate copies) is one line through `warn` (default: an
-    `sslkit: warning:` line on stderr)."""
+    `sslkit: warning:` line on stderr).
+    inspect (`sslkit data index`): every scan is read as pretraining reads it (`scan_kind.inspect_scan`): one the
+    reader refuses (a 2-D radiograph, NaN voxels, ...) or a label map (an atlas, a tissue map) is left out with
+    its reason, and each entry gets its "modality"; the guesses that are not sure are one warning line."""
     root = Path(root).resolve()
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
@@ -56,9 +59,33 @@ def index_folder(root: str | Path, check_series: bool = True, warn=None) -> list
                     found.append(f)
             elif not dicom_here and name.upper() != "DICOMDIR" and is_dicom_file(f):
                 dicom_here = True
-        if dicom_here and (not check_series or _usable_series(d, say)):
+        if dicom_here and (inspect or not check_series or _usable_series(d, say)):
             found.append(d)
+    if inspect:
+        return _inspected(sorted(found), say)
     return [{"image": str(p)} for p in sorted(found)]
+
+
+def _inspected(paths: list[Path], say) -> list[dict]:
+    """The entries of the scans pretraining's reader takes, with their modality (scan_kind)."""
+    from sslkit.data.scan_kind import inspect_scan
+
+    entries, unsure = [], []
+    for p in paths:
+        try:
+            entry = inspect_scan(p)
+        except DataError as e:
+            say(f"{e}" if str(e).endswith("left out") else f"{e}; left out")
+            continue
+        why = entry.pop("modality_unsure", None)
+        if why is not None:
+            unsure.append(f"{p.name}: {entry['modality']} ({why})")
+        entries.append(entry)
+    if unsure:
+        shown = "; ".join(unsure[:3]) + (f"; and {len(unsure) - 3} more" if len(unsure) > 3 else "")
+        say(f"modality guessed, not sure, for {len(unsure)} of {len(entries)} scans: {shown}; check their "
+            "\"modality\" (ct | mri) in the datalist")
+    return entries
 
 
 def _usable_series(folder: Path, say) -> bool:
@@ -73,18 +100,44 @@ def _usable_series(folder: Path, say) -> bool:
     return True
 
 
-def _resolve(entry, base: Path, where: str) -> dict:
+def _absolute(v: str, base: Path) -> str:
+    p = Path(v).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve(entry, base: Path, where: str, need_label: bool = False) -> dict:
     if isinstance(entry, str):  # MSD "test" lists hold bare paths
         entry = {"image": entry}
     if not isinstance(entry, dict) or "image" not in entry:
         raise DataError(f"{where}: entry must be a mapping with an 'image' path, got {entry!r:.80}")
+    if need_label and "label" not in entry:
+        raise DataError(f"{where}: entry needs 'image' and 'label'")
     out = dict(entry)
     for k in PATH_KEYS:
         v = out.get(k)
         if isinstance(v, str):
-            p = Path(v).expanduser()
-            out[k] = str(p if p.is_absolute() else (base / p).resolve())
+            out[k] = _absolute(v, base)
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):  # one file per channel
+            out[k] = [_absolute(x, base) for x in v]
     return out
+
+
+def resolve_entries(entries: list, base: Path, where: str, need_label: bool = False) -> list[dict]:
+    """Datalist entries with their image / label paths (or lists of paths, one per channel) made absolute against
+    `base`; DataError naming `where` and the entry for a malformed one (or, with need_label, one without label)."""
+    return [_resolve(e, base, f"{where} [{i}]", need_label) for i, e in enumerate(entries)]
+
+
+def read_datalist_json(path: str | Path, what: str = "datalist") -> dict | list:
+    """The parsed JSON of a decathlon datalist (MSD dataset.json included): DataError naming the file when it is
+    missing or not JSON. The one reader of these files; `resolve_entries` makes their paths absolute."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"{p}: {what} not found")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{p}: not valid JSON ({e})") from None
 
 
 def load_datalist(path_or_folder: str | Path, key: str = "training", validate: bool = False) -> list[dict]:
@@ -98,11 +151,10 @@ def load_datalist(path_or_folder: str | Path, key: str = "training", validate: b
         items = index_folder(p)
         if not items:
             raise DataError(f"{p}: folder holds no scans (.nii, .nii.gz, .nrrd, .mha, .mhd or DICOM series)")
+        warn_once(f"{p}: a folder datalist gives every scan the recipe's data.modality; `sslkit data index {p} "
+                  "--out datalist.json` reads each scan's modality, leaves out label maps and unreadable scans")
         return items
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{p}: not valid JSON ({e})") from None
+    raw = read_datalist_json(p)
     if isinstance(raw, list):  # a bare list of entries
         entries = raw
     elif isinstance(raw, dict):
@@ -114,8 +166,7 @@ def load_datalist(path_or_folder: str | Path, key: str = "training", validate: b
         raise DataError(f"{p}: expected a JSON object with a '{key}' list")
     if not isinstance(entries, list):
         raise DataError(f"{p}: '{key}' must be a list")
-    base = p.resolve().parent
-    items = [_resolve(e, base, f"{p} [{key}][{i}]") for i, e in enumerate(entries)]
+    items = resolve_entries(entries, p.resolve().parent, f"{p} [{key}]")
     if validate:
         for i, it in enumerate(items):
             for k in PATH_KEYS:
@@ -144,8 +195,6 @@ def write_datalist(items: list[dict] | dict[str, list[dict]], out_path: str | Pa
                       if isinstance(e, dict) else _relative(e, base) for e in lst]
         else:
             doc[k] = lst
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    os.replace(tmp, out)
-    return out
+    from sslkit.run import atomic_write_json
+
+    return atomic_write_json(out, doc, indent=2)

@@ -8,8 +8,10 @@ then reads it with `data.cache_dir: STORE`. Entry i belongs to part i % parts, s
 parts 0..N-1 of one datalist into one folder write disjoint volumes, and the folder is byte-identical to one
 preparation of the whole (the store writes deterministic files; `store.json` is rebuilt from the sidecars).
 Entries already in the store are skipped (a killed preparation resumes where it stopped: volumes are complete only
-once their sidecar lands). Bad scans are skipped and listed in `<out>/skipped.jsonl` with the rows pretraining writes,
-kept sorted by (path, label) so parts give the same file; a row disappears once its entry is prepared.
+once their sidecar lands). Preparations into one store at once (twice the same command, or parts of different
+counts) lock each entry while they prepare it (`entry_lock`): the later one waits, then finds it stored. Bad scans
+are skipped and listed in `<out>/skipped.jsonl` with the rows pretraining writes, kept sorted by (path, label) so
+parts give the same file; a row disappears once its entry is prepared.
 
 Workers are processes (fork where available, else spawn) with one torch and one blosc2 thread each.
 
@@ -21,7 +23,6 @@ meet at a barrier and each opens the complete store.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sslkit.errors import DataError, UserError
+from sslkit.run import atomic_write_json, atomic_write_text
 
 SKIPPED_NAME = "skipped.jsonl"
 MARKERS = ".prepare"
@@ -72,6 +74,7 @@ class PrepareReport:
 # ------------------------------------------------------------------------------------------------ workers
 
 _WORKER: dict = {}
+LOCK_NAME = ".prepare.lock"  # one empty file per store: entries are locked as byte ranges of it
 
 
 def _init_worker(data_cfg, out: str, crop_size: list[int]) -> None:
@@ -83,7 +86,26 @@ def _init_worker(data_cfg, out: str, crop_size: list[int]) -> None:
     blosc2.set_nthreads(1)
     from sslkit.data.store import VolumeStore
 
-    _WORKER.update(cfg=data_cfg, store=VolumeStore(out), crop_size=crop_size, transforms={})
+    lock = os.open(Path(out) / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    _WORKER.update(cfg=data_cfg, store=VolumeStore(out), crop_size=crop_size, transforms={}, lock=lock)
+
+
+@contextlib.contextmanager
+def entry_lock(fd: int, item: dict):
+    """Hold the store's lock of one datalist entry (a one-byte record lock of the store's lock file at an offset
+    hashed from its paths): another process preparing the same entry into the same store (a second `sslkit data
+    prepare`, another part count) waits here, then finds it stored, instead of replacing the files being written
+    (which made the first one log a false skip). Released by the OS if the process dies."""
+    import fcntl
+    import hashlib
+
+    ident = f"{Path(str(item['image'])).resolve()}\0{item.get('label') or ''}".encode()
+    offset = int.from_bytes(hashlib.blake2b(ident, digest_size=4).digest(), "big")
+    fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
+    try:
+        yield
+    finally:
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
 
 
 def _work(task: tuple[int, dict]) -> tuple[int, dict | None, dict | None, bool]:
@@ -91,7 +113,8 @@ def _work(task: tuple[int, dict]) -> tuple[int, dict | None, dict | None, bool]:
 
     i, item = task
     w = _WORKER
-    volume, row, made = try_prepare_entry(item, w["cfg"], w["store"], w["crop_size"], w["transforms"])
+    with entry_lock(w["lock"], item):  # the store is asked again under the lock: another process may have made it
+        volume, row, made = try_prepare_entry(item, w["cfg"], w["store"], w["crop_size"], w["transforms"])
     return i, volume, row, made
 
 
@@ -114,7 +137,9 @@ def _run_tasks(tasks: list[tuple[int, dict]], data_cfg, out: Path, crop_size: li
                 yield _work(task)
                 bar.update(1)
         finally:
-            _WORKER.clear()  # this process is no worker: drop its store and chains
+            if "lock" in _WORKER:
+                os.close(_WORKER["lock"])
+            _WORKER.clear()  # this process is no worker: drop its store, chains and lock
             if saved is not None:
                 torch.set_num_threads(saved)
         return
@@ -149,9 +174,7 @@ def merge_skip_rows(log: Path, new_rows: list[dict], prepared: set[tuple]) -> in
             rows[(row["path"], row.get("label"))] = row
         kept = [rows[k] for k in sorted(rows, key=lambda k: (k[0], k[1] or "")) if k not in prepared]
         if kept or log.exists():
-            tmp = log.with_name(f"{log.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
-            os.replace(tmp, log)
+            atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
         return len(kept)
     finally:
         os.close(folder)  # releases the lock
@@ -204,6 +227,7 @@ def prepare_store(cfg, out: str | Path, workers: int = 1, part: int = 0, parts: 
                 rows.append(row)
             else:
                 prepared.add((volume["path"], volume.get("label")))
+                already += not made  # another preparation of this store made it while this one waited
     finally:
         bar.close()
     n_skipped = len(rows)
@@ -242,10 +266,7 @@ def _wait_limit(own_seconds: float) -> float:
 
 
 def _write_marker(folder: Path, rank: int, content: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{rank}.json.tmp"
-    tmp.write_text(json.dumps(content), encoding="utf-8")
-    os.replace(tmp, folder / f"{rank}.json")
+    atomic_write_json(folder / f"{rank}.json", content, indent=None)
 
 
 def wait_for_parts(folder: Path, world: int, timeout_s: float, poll_s: float = POLL_S) -> dict[int, dict]:
@@ -301,44 +322,4 @@ def prepare_with_ranks(ds, rank: int, world: int, markers: Path, barrier, progre
 # ------------------------------------------------------------------------------------------------ command line
 
 
-def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `prepare` to the `sslkit data` sub-commands; its func is `cmd_prepare`."""
-    p = subparsers.add_parser(
-        "prepare", help="preprocess a recipe's datalist into a store of compressed volumes (before pretraining)",
-        description="Preprocess every scan of a recipe's datalist with the recipe's preprocessing (the same code "
-                    "and settings as pretraining) into a store folder of compressed volumes; point pretraining at "
-                    "it with --set data.cache_dir=STORE. Resumable: scans already in the store are skipped.")
-    p.add_argument("--cfg", required=True, help="pretraining YAML recipe whose data section (datalist, spacing, "
-                                                "intensity, roi, store_dtype) decides the preprocessing")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe key, e.g. --set data.datalist=my.json (repeatable)")
-    p.add_argument("--out", required=True, help="store folder to write (created if missing; shared by all parts)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes, one thread each (default 1; use the cores you can spare)")
-    p.add_argument("--part", type=int, default=0,
-                   help="which part of the datalist this job prepares, 0..parts-1 (entry i goes to part i %% parts)")
-    p.add_argument("--parts", type=int, default=1,
-                   help="into how many parts the datalist is split, for several jobs or machines (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_prepare)
-    return p
-
-
-def cmd_prepare(a) -> int:
-    from sslkit.config import load_config
-
-    check_part(a.part, a.parts)
-    if a.workers < 1:
-        raise UserError(f"--workers: must be at least 1, got {a.workers}")
-    cfg = load_config(a.cfg, a.overrides)
-    if not cfg.data.datalist:
-        raise UserError("data.datalist: not set; give one with --set data.datalist=PATH")
-    if not Path(cfg.data.datalist).expanduser().exists():
-        raise UserError(f"data.datalist: {cfg.data.datalist} not found")
-    report = prepare_store(cfg, a.out, workers=a.workers, part=a.part, parts=a.parts, progress=not a.no_progress)
-    print(report.line())
-    if report.prepared + report.already == 0 and report.entries:
-        raise DataError(f"no usable scans among the {report.entries} entries of this part "
-                        f"(see {Path(a.out) / SKIPPED_NAME})")
-    return 0
 

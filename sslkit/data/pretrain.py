@@ -20,12 +20,24 @@ Data requests (what the objectives need, `Objective.data_requests()` merged by `
                                            "voco_targets" (R, G) (`sslkit.data.multicrop`), G = n * n, and the
                                            crops' start corners "voco_base_starts" (G, dims), "voco_random_starts"
                                            (R, dims) int64; one item is one volume's sample.
+    {"multicrop": {"n_global", "n_local", "local_size", "region", "global_scale", "local_scale"}}
+                                           DINO / iBOT multi-crop (`sslkit.data.multicrop.crop_boxes`): a region of
+                                           round(region x roi) voxels per axis is read once; "global_crops"
+                                           (n_global, C, *roi) and "local_crops" (n_local, C, *round(local_size x
+                                           roi)) are random boxes of it holding a volume fraction in global_scale /
+                                           local_scale, resampled to their size, each then augmented by data.views
+                                           (its own view seed); no "local_crops" when n_local is 0.
+    {"masks": {"patch", "ratio", "prob", "count"}}
+                                           "masks" (count, *roi / patch) bool: token masks over cells of `patch`
+                                           voxels (`sslkit.data.multicrop.token_masks`); data.roi must be a multiple.
+Every key is a pure function of (seed, epoch, index), so resumed runs and any number of ranks see the same items.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +45,13 @@ import torch
 from torch.utils.data import Dataset
 
 from sslkit.config import DataConfig
-from sslkit.data.multicrop import cut_windows, overlap_targets, voco_region, voco_windows
+from sslkit.data.multicrop import (crop_boxes, cut_windows, overlap_targets, resized_crops, token_masks,
+                                    voco_region, voco_windows)
 from sslkit.data.store import DTYPES, VolumeStore
-from sslkit.errors import ConfigError, DataError, UserError
+from sslkit.errors import ConfigError, DataError, UserError, user_error_in
 
-_CROP, _VIEW1, _VIEW2, _PROBE, _SHIFT, _VOCO = 0, 1, 2, 3, 4, 5  # rng sub-streams
-REQUESTS = ("views", "voco")
+_CROP, _VIEW1, _VIEW2, _PROBE, _SHIFT, _VOCO, _MULTICROP, _MASKS = 0, 1, 2, 3, 4, 5, 6, 7  # rng sub-streams
+REQUESTS = ("views", "voco", "multicrop", "masks")
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -169,15 +182,20 @@ def prepare_entry(item: dict, label: str | None, cfg: DataConfig, store: VolumeS
 
 def _error_line(e: BaseException) -> str:
     """One line for the skipped log: the UserError inside MONAI's wrapping RuntimeError if there is one."""
-    cause: BaseException | None = e
-    while cause is not None:
-        if isinstance(cause, UserError):
-            return str(cause)
-        if cause.__cause__ is None:
-            break
-        cause = cause.__cause__
-    inner = cause or e
+    user = user_error_in(e)
+    if user is not None:
+        return str(user)
+    inner = e
+    while inner.__cause__ is not None:
+        inner = inner.__cause__
     return (f"{type(inner).__name__}: {inner}".splitlines() or [""])[0][:300]
+
+
+def _first_problems(rows: list[dict], shown: int = 3) -> str:
+    """'FILE: why; FILE: why; ... and N more' for skip rows (the first `shown`)."""
+    lines = [r["error"] if r["error"].startswith(r["path"]) else f"{r['path']}: {r['error']}" for r in rows[:shown]]
+    more = f"; and {len(rows) - shown} more" if len(rows) > shown else ""
+    return "; ".join(lines) + more
 
 
 def skip_row(path: str, label: str | None, error: str) -> dict:
@@ -235,7 +253,38 @@ def normalise_requests(requests: dict | None) -> dict:
         if grid < 1 or n_random < 1:
             raise ValueError(f"voco data request needs grid >= 1 and n_random >= 1, got {v}")
         requests["voco"] = {"grid": grid, "n_random": n_random}
+    if "multicrop" in requests:
+        requests["multicrop"] = _multicrop_request(requests["multicrop"])
+    if "masks" in requests:
+        requests["masks"] = _masks_request(requests["masks"])
     return requests
+
+
+def _scale_range(value, what: str) -> list[float]:
+    lo, hi = (float(v) for v in value)
+    if not 0.0 < lo <= hi <= 1.0:
+        raise ValueError(f"{what} {list(value)} must satisfy 0 < low <= high <= 1")
+    return [lo, hi]
+
+
+def _multicrop_request(m: dict) -> dict:
+    out = {"n_global": int(m["n_global"]), "n_local": int(m["n_local"]), "local_size": float(m["local_size"]),
+           "region": float(m["region"]), "global_scale": _scale_range(m["global_scale"], "multicrop global_scale"),
+           "local_scale": _scale_range(m["local_scale"], "multicrop local_scale")}
+    if out["n_global"] < 1 or out["n_local"] < 0 or not 0 < out["local_size"] <= 1 or out["region"] < 1:
+        raise ValueError(f"multicrop data request needs n_global >= 1, n_local >= 0, 0 < local_size <= 1 and "
+                         f"region >= 1, got {m}")
+    return out
+
+
+def _masks_request(m: dict) -> dict:
+    out = {"patch": int(m["patch"]), "ratio": [float(r) for r in m["ratio"]], "prob": float(m["prob"]),
+           "count": int(m["count"])}
+    lo, hi = out["ratio"]
+    if out["patch"] < 1 or out["count"] < 1 or not 0 <= lo <= hi <= 1 or not 0 <= out["prob"] <= 1:
+        raise ValueError(f"masks data request needs patch >= 1, count >= 1, 0 <= ratio low <= high <= 1 and "
+                         f"prob in [0, 1], got {m}")
+    return out
 
 
 Window = tuple[int | None, list[int]]  # (axial slice z in 2-D runs, else None; window start per axis)
@@ -267,6 +316,10 @@ class PretrainDataset(Dataset):
         self.crops_per_volume = max(1, int(data_cfg.crops_per_volume))
         self.with_labels = bool(data_cfg.with_labels)
         self.requests = normalise_requests(requests)
+        patch = self.requests.get("masks", {}).get("patch")
+        if patch and any(r % patch for r in self.roi):
+            raise ConfigError(f"data.roi: {list(self.roi)} is not a multiple of the {patch}-voxel mask cells the "
+                              f"objectives mask tokens by")
         self.volumes: list[dict] = []    # {"path", "key", "shape", "modality"[, "label"]} per valid stored volume
         self.n_preprocessed = 0          # scans preprocessed (not found in the store) by this process
         self._bad: set[int] = set()      # volume indices that failed at read time (per process)
@@ -288,19 +341,24 @@ class PretrainDataset(Dataset):
         failures = failures or {}
         stored = self.store.infos()  # one listing of the store folder
         transforms: dict = {}
-        self.volumes, n_made = [], 0
+        self.volumes, n_made, bad = [], 0, []
         for i, item in enumerate(tqdm(self.items, desc="preparing scans", unit="scan", disable=not progress)):
             volume, row, made = (None, failures[i], False) if i in failures else \
                 try_prepare_entry(item, self.cfg, self.store, self.crop_size, transforms, stored)
             n_made += made
             if volume is not None:
                 self.volumes.append(volume)
-            elif log_skips:
-                self._record_skip(row)
+            else:
+                bad.append(row)
+                if log_skips:
+                    self._record_skip(row)
         self.n_preprocessed += n_made
+        where = f" (every one in {self.skipped_log})" if self.skipped_log else ""
         if not self.volumes:
-            where = f" (see {self.skipped_log})" if self.skipped_log else ""
-            raise DataError(f"no usable scans among {len(self.items)} datalist entries{where}")
+            raise DataError(f"no usable scans among {len(self.items)} datalist entries: {_first_problems(bad)}{where}")
+        if bad and log_skips:
+            print(f"sslkit: warning: {len(bad)} of {len(self.items)} scans left out as unreadable: "
+                  f"{_first_problems(bad, 1)}{where}", file=sys.stderr, flush=True)
         return self
 
     def prepare_part(self, part: int, parts: int, progress: bool = True) -> dict[int, dict]:
@@ -430,7 +488,45 @@ class PretrainDataset(Dataset):
                 out["label"] = self._read(v, window, label=True)                         # (1, *roi) int64
         if "voco" in self.requests:
             out.update(self._read_voco(v, shape, self._rng(index, epoch, _VOCO)))
+        if "multicrop" in self.requests:
+            out.update(self._read_multicrop(v, shape, self._rng(index, epoch, _MULTICROP)))
         return out
+
+    def _read_multicrop(self, v: int, shape: tuple, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Un-augmented DINO crops (module docstring): the region is read once (zero-padded past the volume) and
+        every crop is a resampled box of it. 2-D: an axial slice is drawn first."""
+        req = self.requests["multicrop"]
+        z = self._draw_slice(shape[3], rng) if self.spatial_dims == 2 else None
+        spatial = shape[1:3] if z is not None else shape[1:]
+        region = [max(1, int(round(r * req["region"]))) for r in self.roi]
+        origin = [int(rng.integers(0, max(0, s - r) + 1)) for s, r in zip(spatial, region)]
+        arr = self._read(v, (z, origin), region)                                    # (C, *region)
+        starts, sizes = crop_boxes(region, req["n_global"], req["global_scale"], rng)
+        out = {"global_crops": resized_crops(arr, starts, sizes, self.roi)}         # (G, C, *roi)
+        if req["n_local"]:
+            local_roi = [max(1, int(round(r * req["local_size"]))) for r in self.roi]
+            starts, sizes = crop_boxes(region, req["n_local"], req["local_scale"], rng)
+            out["local_crops"] = resized_crops(arr, starts, sizes, local_roi)       # (L, C, *local_roi)
+        return out
+
+    def _augmented_crops(self, crops: dict, epoch: int, index: int) -> None:
+        """data.views applied to every multi-crop crop in place, crop k (globals first) seeded by
+        (seed, epoch, index, multicrop stream, k)."""
+        from sslkit.data.views import make_view
+
+        k = 0
+        for name in ("global_crops", "local_crops"):
+            if name in crops:
+                views = []
+                for crop in crops[name]:
+                    views.append(make_view(crop, self.cfg.views, (self.seed, epoch, index, _MULTICROP, k)))
+                    k += 1
+                crops[name] = np.stack(views)
+
+    def _masks(self, epoch: int, index: int) -> np.ndarray:
+        req = self.requests["masks"]
+        grid = [r // req["patch"] for r in self.roi]
+        return token_masks(grid, req["count"], req["ratio"], req["prob"], self._rng(index, epoch, _MASKS))
 
     def _read_voco(self, v: int, shape: tuple, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """One VoCo sample (`sslkit.data.multicrop.voco_windows`): the region the base crops tile is read once and
@@ -460,6 +556,9 @@ class PretrainDataset(Dataset):
             v2 = make_view(crops["image2"], self.cfg.views, (self.seed, epoch, index, _VIEW2))
             item.update(image=torch.from_numpy(crops["image"]), view1=torch.from_numpy(v1),
                         view2=torch.from_numpy(v2))
+        self._augmented_crops(crops, epoch, index)
+        if "masks" in self.requests:
+            crops["masks"] = self._masks(epoch, index)
         for k, arr in crops.items():
             if k not in ("image", "image2"):
                 item[k] = torch.from_numpy(np.ascontiguousarray(arr))
@@ -476,3 +575,8 @@ class PretrainDataset(Dataset):
             crops.append(self._substituting(i % len(self.volumes), centre_crop))
         return torch.from_numpy(np.stack(crops))
 
+
+def cache_dir_of(cfg, run_dir: Path) -> Path:
+    """data.cache_dir (a store prepared by `sslkit data prepare`, or one pretraining fills), else
+    <run_dir>/../.cache/sslkit."""
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(run_dir).parent / ".cache" / "sslkit"

@@ -78,6 +78,15 @@ def is_dicom_series_dir(path: str | Path) -> bool:
 # ------------------------------------------------------------------------------------------- readers
 
 
+def simpleitk():
+    """SimpleITK with ITK's own warnings off: they are C++ lines on stderr (e.g. "Non uniform sampling") that
+    repeat what the checks here say in one line, or say nothing a user can act on."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    return sitk
+
+
 def _read_nifti(path: Path) -> Scan:
     import nibabel as nib
 
@@ -108,7 +117,7 @@ def _check_compression(path: Path) -> None:
 
 def _sitk_to_scan(path: Path, img) -> Scan:
     """SimpleITK image (LPS world, array (Z, Y, X)) -> Scan (RAS affine, array (X, Y, Z))."""
-    import SimpleITK as sitk
+    sitk = simpleitk()
 
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise DataError(f"{path}: has {img.GetNumberOfComponentsPerPixel()} components per voxel "
@@ -125,7 +134,7 @@ def _sitk_to_scan(path: Path, img) -> Scan:
 
 
 def _read_itk(path: Path) -> Scan:
-    import SimpleITK as sitk
+    sitk = simpleitk()
 
     try:
         img = sitk.ReadImage(str(path))
@@ -137,7 +146,7 @@ def _read_itk(path: Path) -> Scan:
 def _read_dicom_series(path: Path) -> Scan:
     """Read the series `check_dicom_series` chooses in a DICOM folder (its slices ordered along the normal, byte-
     identical copies left out) with SimpleITK's ImageSeriesReader; its warnings are printed once."""
-    import SimpleITK as sitk
+    sitk = simpleitk()
 
     series = check_dicom_series(path)
     for line in series.warnings:
@@ -179,11 +188,12 @@ def check_dicom_series(folder: str | Path) -> DicomSeries:
       k*s (k >= 2) is a DataError naming the k - 1 missing slices, any other uneven step a DataError too
       (a reader would otherwise spread the slices evenly and give every voxel behind the gap a wrong position).
     - Slices with different orientations are a DataError.
-    Files without position / orientation tags (single multi-frame files, secondary captures) are not checked.
+    - Several files of which some lack position / orientation tags (secondary captures, 2-D images) are a
+      DataError: nothing says where their slices lie. A single (multi-frame) file is not checked.
     Not detectable from positions: every other slice missing (the steps stay even). SpacingBetweenSlices
     (0018,0088) is not trusted to tell, as common writers (GDCM) fill it with 1 when they do not know it.
     """
-    import SimpleITK as sitk
+    sitk = simpleitk()
 
     folder = Path(folder)
     reader = sitk.ImageSeriesReader()
@@ -216,7 +226,7 @@ def _choose_series(folder: Path, groups: dict[str, list[Path]]) -> tuple[str, li
 
 def _slice_geometry(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(ImagePositionPatient (3,), ImageOrientationPatient (6,)) of one DICOM file's header; None without them."""
-    import SimpleITK as sitk
+    sitk = simpleitk()
 
     r = sitk.ImageFileReader()
     r.SetFileName(str(path))
@@ -237,9 +247,14 @@ def _slice_geometry(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 def _order_slices(folder: Path, files: list[Path]) -> tuple[list[Path], list[str]]:
     """The files of one series ordered by position along the normal, byte-identical copies left out; DataError
     for images sharing a position, uneven steps (missing slices) or mixed orientations."""
-    geometry = [_slice_geometry(f) for f in files]
-    if len(files) < 2 or any(g is None for g in geometry):
+    if len(files) < 2:
         return files, []
+    geometry = [_slice_geometry(f) for f in files]
+    unplaced = sum(g is None for g in geometry)
+    if unplaced:
+        raise DataError(f"{folder}: {unplaced} of {len(files)} DICOM files have no ImagePositionPatient / "
+                        "ImageOrientationPatient (secondary captures or 2-D images?): no slice geometry to stack "
+                        "them into a volume")
     iops = np.stack([g[1] for g in geometry])
     if np.abs(iops - iops[0]).max() > 1e-3:
         raise DataError(f"{folder}: slices with different orientations (ImageOrientationPatient) in one series; "
@@ -342,9 +357,23 @@ def validate(scan: Scan, require_3d: bool = True, channels: bool = False) -> Sca
         raise DataError(f"{scan.path}: image of shape {tuple(arr.shape)} where a 2-D image is needed")
     if not np.isfinite(arr).all():
         raise DataError(_nonfinite_line(scan.path, ~np.isfinite(arr), len(spatial)))
+    _check_affine(scan.path, scan.affine, len(spatial))
     scan.array = arr
     scan.spacing = tuple(scan.spacing[: len(spatial)])
     return scan
+
+
+def _check_affine(path: Path, affine: np.ndarray, spatial_dims: int) -> None:
+    """DataError unless the voxel axes map to independent world directions: a zero voxel size or two axes along one
+    direction (a broken qform / sform) leave no orientation or spacing to resample by."""
+    a = np.asarray(affine, dtype=np.float64)
+    axes = a[:3, :spatial_dims]
+    if not np.isfinite(a).all() or np.linalg.matrix_rank(axes, tol=1e-6 * max(float(np.abs(axes).max()), 1e-12)) \
+            < spatial_dims:
+        sizes = ", ".join(f"{v:.3g}" for v in np.linalg.norm(axes, axis=0))
+        raise DataError(f"{path}: its voxel-to-world affine is singular (voxel sizes {sizes} mm, axes not "
+                        "independent): the header's orientation / spacing is broken; fix it (e.g. its qform / sform) "
+                        "before using the scan")
 
 
 def _nonfinite_line(path: Path, bad: np.ndarray, spatial_dims: int) -> str:

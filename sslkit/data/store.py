@@ -259,13 +259,11 @@ def _fsync(path: Path) -> None:
 
 
 def _write_json_atomic(path: Path, obj: dict, tag: str) -> None:
-    """Deterministic JSON (sorted keys, no timestamps) via temp file + fsync + os.replace."""
-    tmp = path.with_name(path.name + tag)
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, sort_keys=True, indent=1, allow_nan=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Deterministic JSON (sorted keys, no timestamps, no NaN), flushed to disk, via the store's temp name `tag`."""
+    from sslkit.run import atomic_write_json
+
+    atomic_write_json(path, obj, indent=1, sort_keys=True, fsync=True, allow_nan=False,
+                      tmp=path.with_name(path.name + tag))
 
 
 def _jsonable(value, where: str):

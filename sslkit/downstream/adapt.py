@@ -13,6 +13,7 @@ normalisation statistics too). New modes (adapters, prompt tuning) register here
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -26,12 +27,41 @@ from sslkit.errors import ConfigError
 class Adaptation:
     param_groups: list[dict]
     frozen_modules: list[nn.Module] = field(default_factory=list)
+    encoder: nn.Module | None = None   # frozen for the first `frozen_steps` optimizer steps (transfer schedule)
+    frozen_steps: int = 0
 
-    def train_mode(self, model: nn.Module) -> None:
+    def train_mode(self, model: nn.Module, step: int | None = None) -> None:
         """model.train(), then frozen modules back to eval (no dropout / norm statistics updates)."""
         model.train()
         for m in self.frozen_modules:
             m.eval()
+        if self.encoder is not None and step is not None and step < self.frozen_steps:
+            self.encoder.eval()
+
+    def set_step(self, model: nn.Module, step: int) -> None:
+        """Before optimizer step `step` (0-based): the encoder trains from step `frozen_steps` on."""
+        if self.encoder is None or not self.frozen_steps:
+            return
+        frozen = step < self.frozen_steps
+        for p in self.encoder.parameters():
+            p.requires_grad_(not frozen)
+        self.train_mode(model, step)
+
+    def lr_factors(self, groups: list[dict]) -> list:
+        """Per optimizer group, the transfer schedule's lr multiplier of step s (0-based), on top of optim.schedule:
+        with N = frozen_steps, the encoder's groups are 0 for s < N, the others warm up linearly over [0, N); then
+        every group warms up linearly again over [N, 2N) (adapt.warmup_frozen_steps, nnssl's two-stage warm-up)."""
+        n = self.frozen_steps
+        if not n:
+            return [lambda s: 1.0 for _ in groups]
+        return [functools.partial(_two_stage_warmup, n=n, encoder=g.get("name", "").startswith("encoder"))
+                for g in groups]
+
+
+def _two_stage_warmup(s: int, n: int, encoder: bool) -> float:
+    if s < n:
+        return 0.0 if encoder else (s + 1) / n
+    return min(1.0, (s - n + 1) / n)
 
 
 _MODES: dict[str, Callable] = {}
@@ -55,10 +85,37 @@ def mode_names() -> list[str]:
     return sorted(_MODES)
 
 
-def adapt(model: nn.Module, adapt_cfg, lr: float) -> Adaptation:
+def adapt(model: nn.Module, adapt_cfg, lr: float, layer_decay: float = 1.0) -> Adaptation:
+    """The mode's Adaptation; in mode full with optim.layer_decay < 1 the encoder's group is one group per encoder
+    depth (sslkit.models.base.layer_ids), lr x decay^(L + 1 - depth)."""
     if adapt_cfg.mode not in _MODES:
         raise ConfigError(f"adapt.mode: '{adapt_cfg.mode}' is not one of {', '.join(mode_names())}")
-    return _MODES[adapt_cfg.mode](model, adapt_cfg, lr)
+    out = _MODES[adapt_cfg.mode](model, adapt_cfg, lr)
+    if adapt_cfg.mode == "full":
+        if layer_decay != 1.0:
+            out.param_groups = _layer_decayed(model.encoder, out.param_groups, layer_decay)
+        out.encoder, out.frozen_steps = model.encoder, adapt_cfg.warmup_frozen_steps
+    return out
+
+
+def _layer_decayed(encoder: nn.Module, groups: list[dict], decay: float) -> list[dict]:
+    """The "encoder" group split by depth: depth d of L gets lr x decay^(L + 1 - d) (MAE / BEiT fine-tuning: the
+    decoder and head count as depth L + 1)."""
+    from sslkit.models.base import layer_ids
+
+    ids, last = layer_ids(encoder)
+    by_id = {id(p): ids[n] for n, p in encoder.named_parameters()}
+    out = []
+    for g in groups:
+        if g.get("name") != "encoder":
+            out.append(g)
+            continue
+        for depth in range(last + 1):
+            params = [p for p in g["params"] if by_id.get(id(p)) == depth]
+            if params:
+                out.append({**g, "params": params, "lr": g["lr"] * decay ** (last + 1 - depth),
+                            "name": f"encoder.{depth}"})
+    return out
 
 
 def _split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -200,7 +257,8 @@ def build_model(cfg) -> nn.Module:
 
     in_channels = cfg.model.in_channels * (cfg.data.slice_channels if cfg.data.slices else 1)
     model = build_segmenter(cfg.model.name, spatial_dims=cfg.model.spatial_dims, in_channels=in_channels,
-                            out_channels=cfg.data.num_classes, **cfg.model.args)
+                            out_channels=cfg.data.num_classes,
+                            activation_checkpointing=cfg.model.activation_checkpointing, **cfg.model.args)
     if cfg.adapt.mode in _PREPARE:
         _PREPARE[cfg.adapt.mode](model, cfg.adapt)
     return model

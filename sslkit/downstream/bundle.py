@@ -136,7 +136,7 @@ def required_versions() -> dict[str, str]:
     missing = [p for p, v in found.items() if v is None]
     if missing:
         raise UserError(f"monai-bundle export: {', '.join(missing)} not installed; the bundle's workflow needs "
-                        f"{'them' if len(missing) > 1 else 'it'} (pip install 'monai[fire,ignite]')")
+                        f"{'them' if len(missing) > 1 else 'it'}: pip install 'sslkit[bundle]'")
     return {"sslkit": __version__, **found}
 
 
@@ -346,8 +346,8 @@ def readme(cfg, plan: dict, source: Path) -> str:
              f"source: {json.dumps(src, sort_keys=True) if src else 'not recorded'}",
              f"- exported by sslkit {__version__} from `{source.name}`"]
     run = [f"In a Python environment with sslkit >= {__version__} installed (it builds the network and "
-           "preprocesses) and MONAI's `fire` and `ignite` extras:", "",
-           "```bash", "pip install 'monai[fire,ignite]'", "python -m monai.bundle run \\",
+           "preprocesses) with its `bundle` extra (MONAI's runner needs `fire` and `pytorch-ignite`):", "",
+           "```bash", "pip install 'sslkit[bundle]'", "python -m monai.bundle run \\",
            "    --config_file BUNDLE/configs/inference.json --meta_file BUNDLE/configs/metadata.json \\",
            "    --bundle_root BUNDLE --dataset_dir SCAN_OR_FOLDER --output_dir OUT",
            "python -m monai.bundle verify_net_in_out network_def --config_file BUNDLE/configs/inference.json \\",

@@ -21,6 +21,7 @@ from sslkit.config import (
     PreprocessConfig,
     TrainConfig,
     _build,
+    apply_override,
     check_choice,
     check_shared,
     read_recipe,
@@ -40,6 +41,8 @@ class DownstreamDataConfig(PreprocessConfig):
     task: str = ""                     # informative name, e.g. Task09_Spleen
     num_classes: int = 2               # including background
     label_names: list[str] = field(default_factory=list)  # foreground class names (optional, for reports)
+    nsd_tolerance_mm: list[float] = field(default_factory=lambda: [2.0])  # normalised surface Dice tolerance (mm):
+                                       # one value for every class, or one per foreground class
     num_labelled: int = 0              # 0: all training cases; n: the first n of a seeded order of the training
                                        # cases (nested: the 3-case subset holds the 1-case subset)
     split_seed: int = 0
@@ -64,6 +67,9 @@ class AdaptConfig:
     mode: str = "full"                 # full | frozen_encoder | adapter (SAM) | prompt (PUNet); see
                                        # sslkit.downstream.adapt
     encoder_lr_scale: float = 1.0      # full mode: encoder lr = lr * scale
+    warmup_frozen_steps: int = 0       # full mode: N > 0 trains the decoder / head alone for N steps (encoder
+                                       # frozen, their lr warming up linearly), then the whole model with a linear
+                                       # lr warm-up over N more steps (nnssl's pretrained fine-tuning)
     options: dict = field(default_factory=dict)  # mode options: prompt {classes}; adapter {ratio, mlp_scale,
                                                  # depth_branch}
 
@@ -79,6 +85,7 @@ class FinetuneTrainConfig(TrainConfig):
     sw_mode: str = "constant"          # constant | gaussian
     sw_batch_size: int = 4
     grad_clip: float = 0.0             # 0 disables clipping
+    ckpt_every: int = 0                # checkpoints at every validation, at the end and every ckpt_every steps
 
 
 @dataclass
@@ -95,8 +102,11 @@ def _downstream_model() -> ModelConfig:
     return ModelConfig(name="")        # "": the encoder's plan decides (sslkit finetune --encoder)
 
 
-def _downstream_optim() -> OptimConfig:
-    return OptimConfig(schedule="constant")
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    schedule: str = "constant"
+    layer_decay: float = 1.0           # full mode: layer-wise lr decay by encoder depth (MAE / BEiT fine-tuning):
+                                       # depth d of L (0 = patch embedding) trains at lr x decay^(L + 1 - d)
 
 
 @dataclass
@@ -105,7 +115,7 @@ class DownstreamConfig:
     model: ModelConfig = field(default_factory=_downstream_model)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
-    optim: OptimConfig = field(default_factory=_downstream_optim)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -116,6 +126,9 @@ class DownstreamConfig:
 def _check(cfg: DownstreamConfig) -> None:
     d, t, sd = cfg.data, cfg.train, cfg.model.spatial_dims
     check_shared(t, cfg.optim, d, cfg.model, cfg.logging, scan_dims=3 if d.slices else sd)
+    if t.precision == "fp16":
+        raise ConfigError("train.precision: fp16 is for pretraining (DeepSpeed's loss scaling); fine-tuning takes "
+                          "fp32 or bf16")
     check_choice("data.layout", d.layout, LAYOUTS)
     if d.demo_source not in ("", "mni_gm_wm") or (d.demo_source and d.layout != "acdc"):
         raise ConfigError(f"data.demo_source: '{d.demo_source}' must be empty or 'mni_gm_wm' with layout acdc")
@@ -124,6 +137,9 @@ def _check(cfg: DownstreamConfig) -> None:
         raise ConfigError("data.slices: needs a 2D model (model.spatial_dims: 2)")
     if d.num_classes < 2:
         raise ConfigError(f"data.num_classes: needs at least 2 (background + 1), got {d.num_classes}")
+    if len(d.nsd_tolerance_mm) not in (1, d.num_classes - 1) or min(d.nsd_tolerance_mm) <= 0:
+        raise ConfigError(f"data.nsd_tolerance_mm: needs one positive value or one per foreground class "
+                          f"({d.num_classes - 1}), got {d.nsd_tolerance_mm}")
     if d.num_labelled < 0:
         raise ConfigError(f"data.num_labelled: must be >= 0, got {d.num_labelled}")
     if not 0.0 <= d.val_fraction < 1.0:
@@ -139,9 +155,30 @@ def _check(cfg: DownstreamConfig) -> None:
         raise ConfigError("train.batch_size and train.val_every must be at least 1")
     check_choice("loss.name", cfg.loss.name, ("dice_ce", "focal"))
     check_choice("adapt.mode", cfg.adapt.mode, ADAPT_MODES)
+    _check_transfer(cfg)
     for k in ("in_channels", "out_channels", "spatial_dims"):
         if k in cfg.model.args:
             raise ConfigError(f"model.args.{k}: set by model.in_channels / data.num_classes / model.spatial_dims")
+
+
+def _check_transfer(cfg: DownstreamConfig) -> None:
+    """The transfer-schedule keys: ranges, and the mode / schedule they need."""
+    a, o, t = cfg.adapt, cfg.optim, cfg.train
+    if not 0.0 < o.layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay: must be in (0, 1], got {o.layer_decay}")
+    if a.encoder_lr_scale < 0:
+        raise ConfigError(f"adapt.encoder_lr_scale: must be >= 0, got {a.encoder_lr_scale}")
+    if a.warmup_frozen_steps < 0:
+        raise ConfigError(f"adapt.warmup_frozen_steps: must be >= 0, got {a.warmup_frozen_steps}")
+    for key, on in (("optim.layer_decay", o.layer_decay != 1.0), ("adapt.warmup_frozen_steps", a.warmup_frozen_steps)):
+        if on and a.mode != "full":
+            raise ConfigError(f"{key}: applies to adapt.mode full (the encoder trains), not '{a.mode}'")
+    if a.warmup_frozen_steps and o.schedule == "one_cycle":
+        raise ConfigError("adapt.warmup_frozen_steps: needs optim.schedule cosine or constant (one_cycle has its own "
+                          "warm-up)")
+    if a.warmup_frozen_steps and t.max_steps and 2 * a.warmup_frozen_steps > t.max_steps:
+        raise ConfigError(f"adapt.warmup_frozen_steps: {a.warmup_frozen_steps} frozen + {a.warmup_frozen_steps} "
+                          f"warm-up steps do not fit in train.max_steps {t.max_steps}")
 
 
 def downstream_config_from_dict(raw: dict) -> DownstreamConfig:
@@ -150,6 +187,33 @@ def downstream_config_from_dict(raw: dict) -> DownstreamConfig:
     return cfg
 
 
+def writes_under_root(data: dict) -> bool:
+    """True for the demo layouts that write files under data.root (the hemispheres, the ACDC-shaped demo)."""
+    return data.get("layout") in ("mni_gm_wm", "demo_ct_head") or bool(data.get("demo_source"))
+
+
+def _anchor_root(raw: dict, folder: Path) -> None:
+    """A relative data.root of a layout that writes under it, taken from `folder`."""
+    data = raw.get("data")
+    if isinstance(data, dict) and writes_under_root(data) and isinstance(data.get("root"), str) and data["root"]:
+        root = Path(data["root"]).expanduser()
+        if not root.is_absolute():
+            data["root"] = str((folder / root).resolve())
+
+
+def read_downstream_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """The raw mapping of a downstream recipe with `--set` overrides applied, not yet checked. A relative data.root
+    of a demo layout that writes files under it is the recipe file's folder's (the same folder from wherever the
+    command runs); one given with --set is the current folder's, where it was typed."""
+    raw = read_recipe(path)
+    if path is not None:
+        _anchor_root(raw, Path(path).resolve().parent)
+    for o in overrides:
+        apply_override(raw, o)
+    _anchor_root(raw, Path.cwd())
+    return raw
+
+
 def load_downstream_config(path: str | Path | None, overrides: list[str] = ()) -> DownstreamConfig:
     """Read a downstream YAML recipe (or defaults with path=None), apply `--set` overrides, validate."""
-    return downstream_config_from_dict(read_recipe(path, overrides))
+    return downstream_config_from_dict(read_downstream_recipe(path, overrides))

@@ -29,13 +29,14 @@ random crops and augmentations.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from sslkit.data.datalist import read_datalist_json, resolve_entries
+from sslkit.downstream.config import writes_under_root
 from sslkit.errors import DataError
 
 
@@ -43,25 +44,14 @@ from sslkit.errors import DataError
 
 
 def _pairs(items, base: Path, where: str) -> list[dict]:
-    out = []
-    for i, it in enumerate(items):
-        if not isinstance(it, dict) or "image" not in it or "label" not in it:
-            raise DataError(f"{where}: entry {i} needs 'image' and 'label'")
-        img = it["image"]
-        imgs = [str((base / x).resolve()) for x in img] if isinstance(img, list) else str((base / img).resolve())
-        out.append({"image": imgs, "label": str((base / it["label"]).resolve())})
-    return out
+    """{image (path or one per channel), label} of labelled entries, paths absolute against `base`."""
+    return [{"image": e["image"], "label": e["label"]} for e in resolve_entries(items, base, where, need_label=True)]
 
 
 def _msd_cases(root: Path) -> tuple[list[dict], list[dict] | None]:
     js = root / "dataset.json"
-    if not js.is_file():
-        raise DataError(f"{js}: MSD dataset.json not found")
-    try:
-        meta = json.loads(js.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{js}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(meta.get("training"), list):
+    meta = read_datalist_json(js, "MSD dataset.json")
+    if not isinstance(meta, dict) or not isinstance(meta.get("training"), list):
         raise DataError(f"{js}: no 'training' list")
     return _pairs(meta["training"], root, str(js)), None
 
@@ -118,12 +108,8 @@ def _acdc_cases(root: Path) -> tuple[list[dict], list[dict] | None]:
 
 
 def _datalist_cases(path: Path) -> tuple[list[dict], list[dict] | None]:
-    if not path.is_file():
-        raise DataError(f"{path}: datalist JSON not found")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    meta = read_datalist_json(path, "datalist JSON")
+    meta = meta if isinstance(meta, dict) else {}
     key = "training" if isinstance(meta.get("training"), list) else "labelled"
     if not isinstance(meta.get(key), list):
         raise DataError(f"{path}: needs a 'training' or 'labelled' list of {{image, label}}")
@@ -167,6 +153,9 @@ def list_cases(dcfg) -> tuple[list[dict], list[dict]]:
     root = Path(dcfg.root).expanduser()
     if not dcfg.root:
         raise DataError("data.root: not set")
+    if not root.is_absolute() and writes_under_root({"layout": dcfg.layout, "demo_source": dcfg.demo_source}):
+        raise DataError(f"data.root: '{dcfg.root}' is a relative path and layout {dcfg.layout} writes its demo files "
+                        "under it; give an absolute path (in a recipe file a relative root is the recipe's folder's)")
     if dcfg.layout == "msd":
         train, val = _msd_cases(root)
     elif dcfg.layout == "btcv":

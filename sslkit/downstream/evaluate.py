@@ -64,7 +64,8 @@ def validate(model, dataset, cfg, device, cases: list[dict] | None = None,
         spacing = [float(s) for s in lab.pixdim] if hasattr(lab, "pixdim") else None
         logits = infer_logits(model, plain(img)[None], cfg, device)
         pred = logits.argmax(1)[0].cpu()
-        m = case_metrics(pred, plain(lab)[0].round().long(), cfg.data.num_classes, spacing)
+        m = case_metrics(pred, plain(lab)[0].round().long(), cfg.data.num_classes, spacing,
+                         cfg.data.nsd_tolerance_mm)
         name = Path(str((cases[i]["label"] if cases else f"case_{i}"))).name
         per_case.append({"case": name, **m})
     model.train(was_training)
@@ -72,21 +73,26 @@ def validate(model, dataset, cfg, device, cases: list[dict] | None = None,
 
 
 def write_reports(summary: dict, per_case: list[dict], names: list[str], out_dir: Path, title: str) -> None:
+    from sslkit.run import atomic_write_json
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(jsonable({"summary": summary, "class_names": names,
-                                                               "per_case": per_case}), indent=2))
+    atomic_write_json(out_dir / "metrics.json", jsonable({"summary": summary, "class_names": names,
+                                                          "per_case": per_case}), indent=2)
     with open(out_dir / "per_case.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        w.writerow(["case", "class", "dice", "hd95_mm", "asd_mm"])
+        w.writerow(["case", "class", "dice", "hd95_mm", "asd_mm", "nsd"])
         for c in per_case:
             for j, n in enumerate(names):
-                w.writerow([c["case"], n, _fmt(c["dice"][j]), _fmt(c["hd95"][j]), _fmt(c["asd"][j])])
+                w.writerow([c["case"], n, _fmt(c["dice"][j]), _fmt(c["hd95"][j]), _fmt(c["asd"][j]),
+                            _fmt(c["nsd"][j])])
     lines = [f"# {title}", "", f"{summary['n_cases']} cases; mean Dice {_fmt(summary['mean_dice'])}, "
-             f"mean HD95 {_fmt(summary['mean_hd95'])} mm, mean ASD {_fmt(summary['mean_asd'])} mm", "",
-             "| class | Dice | HD95 (mm) | ASD (mm) | missed/spurious |", "|---|---|---|---|---|"]
+             f"mean HD95 {_fmt(summary['mean_hd95'])} mm, mean ASD {_fmt(summary['mean_asd'])} mm, "
+             f"mean NSD {_fmt(summary['mean_nsd'])}", "",
+             "| class | Dice | HD95 (mm) | ASD (mm) | NSD | missed/spurious |", "|---|---|---|---|---|---|"]
     for n in names:
         r = summary["per_class"][n]
-        lines.append(f"| {n} | {_fmt(r['dice'])} | {_fmt(r['hd95'])} | {_fmt(r['asd'])} | {r['hd95_n_inf']} |")
+        lines.append(f"| {n} | {_fmt(r['dice'])} | {_fmt(r['hd95'])} | {_fmt(r['asd'])} | {_fmt(r['nsd'])} | "
+                     f"{r['hd95_n_inf']} |")
     lines += ["", "## Per case (Dice)", "", "| case | " + " | ".join(names) + " |",
               "|---|" + "---|" * len(names)]
     for c in per_case:
@@ -174,5 +180,47 @@ def compare(run_dirs: list[str | Path], out: str | Path) -> Path:
         csv.writer(f).writerows([header] + rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += paired_differences(runs, names)
+    lines += ["", "One training run per side: the differences above include seed-to-seed variation. `sslkit study` "
+              "repeats the comparison over seeds and labelled budgets with paired bootstrap intervals "
+              "(docs/study.md)."]
     md.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return md
+
+
+def _case_dice(metrics: dict) -> dict[str, dict[str, float]]:
+    """{case: {class: Dice}} of an evaluated run's metrics.json."""
+    names = metrics["class_names"]
+    return {c["case"]: {n: c["dice"][j] for j, n in enumerate(names)} for c in metrics.get("per_case", [])}
+
+
+def paired_differences(runs: list[tuple[str, dict]], names: list[str]) -> list[str]:
+    """Markdown lines: per class, each run's Dice minus the first run's on the same validation cases (mean over
+    the cases both evaluated, and on how many cases it is higher / lower); [] for a single run."""
+    if len(runs) < 2:
+        return []
+    (ref_name, ref), others = runs[0], runs[1:]
+    base = _case_dice(ref)
+    header = ["class"] + [h for rn, _ in others for h in (f"{rn} - {ref_name}: mean dDice", "higher / lower")]
+    lines = ["", f"Paired difference to {ref_name} (Dice per class, case by case on the validation cases both "
+             "runs evaluated):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for n in names + ["mean"]:
+        row = [n]
+        for _, m in others:
+            diffs = []
+            for case, dice in _case_dice(m).items():
+                a, b = base.get(case, {}), dice
+                ok = [k for k in (names if n == "mean" else [n]) if _finite(a.get(k)) and _finite(b.get(k))]
+                if ok:
+                    diffs.append(float(np.mean([b[k] - a[k] for k in ok])))
+            if diffs:
+                up, down = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+                row += [f"{np.mean(diffs):+.4f}", f"{up} / {down} of {len(diffs)} cases"]
+            else:
+                row += ["-", "no common cases"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)

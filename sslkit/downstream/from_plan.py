@@ -129,13 +129,26 @@ def segmenter_plan(cfg, encoder_plan: dict | None, input_stats: dict, recipe: di
         channels, strides = encoder_plan.get("feature_channels", []), encoder_plan.get("feature_strides", [])
     else:
         enc_name, enc_args, channels, strides = m.name, m.args, [], []
+    cases = int(input_stats.get("cases", 0))
     plan = make_plan(enc_name, enc_args, prep, channels, strides, recipe=recipe, source=source,
-                     corpus=(encoder_plan or {}).get("corpus"))
+                     corpus={"scans": cases, "modalities": {d.modality: cases}, "task": d.task or d.layout})
+    if (encoder_plan or {}).get("corpus"):
+        plan["encoder_corpus"] = encoder_plan["corpus"]  # what the encoder was pretrained on, not this model
     plan["kind"] = "segmenter"
     plan["segmenter"] = {"name": m.name, "args": json.loads(json.dumps(m.args)), "num_classes": d.num_classes,
-                         "label_names": list(d.label_names), "adapt": cfg.adapt.mode}
+                         "label_names": all_class_names(d), "adapt": cfg.adapt.mode}
     plan["input_stats"] = input_stats
     return plan
+
+
+def all_class_names(data_cfg) -> list[str]:
+    """One name per output class, background first: data.label_names names the foreground classes (class_<i>
+    where it names fewer), or every class when it has num_classes names."""
+    names = [str(n) for n in data_cfg.label_names]
+    if len(names) == data_cfg.num_classes:
+        return names
+    return ["background"] + (names + [f"class_{i}" for i in range(len(names) + 1, data_cfg.num_classes)])[
+        : data_cfg.num_classes - 1]
 
 
 # ------------------------------------------------------------------------------------------ input statistics

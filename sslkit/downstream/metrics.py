@@ -1,4 +1,5 @@
-"""Per-class segmentation metrics on label maps: Dice, HD95 and average surface distance (MONAI functions).
+"""Per-class segmentation metrics on label maps: Dice, HD95, average surface distance and normalised surface Dice
+(MONAI functions).
 
 Conventions (per foreground class c, pred P and ground truth G as masks):
   both non-empty    MONAI's values: compute_dice, compute_hausdorff_distance(percentile=95),
@@ -6,7 +7,9 @@ Conventions (per foreground class c, pred P and ground truth G as masks):
   P empty, G not    Dice 0; HD95 = ASD = inf (a missed structure is infinitely far). MONAI 1.6 itself returns
   (or G empty, P    nan for HD95 and inf for ASD here; we make both inf so a miss is never silently dropped.
   not)
-  both empty        Dice, HD95, ASD = nan (nothing to find; excluded from means).
+  both empty        Dice, HD95, ASD, NSD = nan (nothing to find; excluded from means).
+NSD (normalised surface Dice, Nikolov et al. 2021; MONAI compute_surface_dice): the share of both boundaries that
+lies within the class's tolerance (mm) of the other boundary; 0 for a missed or spurious structure.
 Summaries average Dice with nanmean (a miss counts as 0) and distances over finite values, reporting the number
 of infinite (missed / spurious) cases separately as `n_inf`.
 """
@@ -30,9 +33,12 @@ def _onehot(labels, num_classes: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(t, num_classes).movedim(-1, 0).unsqueeze(0).float()
 
 
-def case_metrics(pred, gt, num_classes: int, spacing: Sequence[float] | float | None = None) -> dict[str, list]:
-    """Label maps (same shape) -> {'dice': [..], 'hd95': [..], 'asd': [..]} for classes 1..num_classes-1."""
-    from monai.metrics import compute_average_surface_distance, compute_dice, compute_hausdorff_distance
+def case_metrics(pred, gt, num_classes: int, spacing: Sequence[float] | float | None = None,
+                 nsd_tolerance: Sequence[float] | float = 2.0) -> dict[str, list]:
+    """Label maps (same shape) -> {'dice', 'hd95', 'asd', 'nsd': [per class]} for classes 1..num_classes-1;
+    `nsd_tolerance`: mm (one value, or one per foreground class)."""
+    from monai.metrics import (compute_average_surface_distance, compute_dice, compute_hausdorff_distance,
+                               compute_surface_dice)
 
     p, g = _onehot(pred, num_classes), _onehot(gt, num_classes)
     if p.shape != g.shape:
@@ -44,24 +50,29 @@ def case_metrics(pred, gt, num_classes: int, spacing: Sequence[float] | float | 
         hd = compute_hausdorff_distance(p, g, include_background=False, percentile=95, spacing=sp)[0].tolist()
         asd = compute_average_surface_distance(p, g, include_background=False, symmetric=True,
                                                spacing=sp)[0].tolist()
+        tol = [float(t) for t in np.atleast_1d(nsd_tolerance)]
+        tol = tol * (num_classes - 1) if len(tol) == 1 else tol
+        nsd = compute_surface_dice(p, g, class_thresholds=tol, include_background=False, spacing=sp)[0].tolist()
     for i in range(num_classes - 1):
         pe, ge = not bool(p[0, i + 1].any()), not bool(g[0, i + 1].any())
         if pe and ge:
-            dice[i], hd[i], asd[i] = math.nan, math.nan, math.nan
+            dice[i], hd[i], asd[i], nsd[i] = math.nan, math.nan, math.nan, math.nan
         elif pe or ge:
-            dice[i], hd[i], asd[i] = 0.0, math.inf, math.inf
-    return {"dice": dice, "hd95": hd, "asd": asd}
+            dice[i], hd[i], asd[i], nsd[i] = 0.0, math.inf, math.inf, 0.0
+    return {"dice": dice, "hd95": hd, "asd": asd, "nsd": nsd}
 
 
 def summarize(per_case: list[dict], class_names: Sequence[str]) -> dict:
     """Average `case_metrics` results over cases, per class and overall."""
     out: dict = {"per_class": {}, "n_cases": len(per_case)}
-    allm = {"dice": [], "hd95": [], "asd": []}
+    allm = {"dice": [], "hd95": [], "asd": [], "nsd": []}
     for i, name in enumerate(class_names):
         row = {}
-        for m in ("dice", "hd95", "asd"):
+        for m in allm:
+            if not all(m in c for c in per_case):  # reports written before NSD was measured
+                continue
             v = np.array([c[m][i] for c in per_case], dtype=float)
-            if m == "dice":
+            if m in ("dice", "nsd"):
                 ok = v[~np.isnan(v)]
             else:
                 ok = v[np.isfinite(v)]
@@ -73,6 +84,7 @@ def summarize(per_case: list[dict], class_names: Sequence[str]) -> dict:
     out["mean_dice"] = float(np.mean(allm["dice"])) if allm["dice"] else math.nan
     out["mean_hd95"] = float(np.mean(allm["hd95"])) if allm["hd95"] else math.nan
     out["mean_asd"] = float(np.mean(allm["asd"])) if allm["asd"] else math.nan
+    out["mean_nsd"] = float(np.mean(allm["nsd"])) if allm["nsd"] else math.nan
     return out
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sslkit.errors import DataError
+from sslkit.errors import DataError, user_error_in
 
 
 def scan_inputs(path: Path) -> list[tuple[str, Path]]:
@@ -63,10 +63,8 @@ def predict_scan(model, cfg, device, src: Path, seen: dict | None = None):
     try:
         d = pre({"image": str(src)})
     except RuntimeError as e:
-        from sslkit.downstream.train import unwrap_user_error
-
-        inner = unwrap_user_error(e)
-        if inner is not e:
+        inner = user_error_in(e)
+        if inner is not None:
             raise inner from None
         raise DataError(f"{src}: cannot preprocess ({str(e.__cause__ or e).splitlines()[0][:160]})") from None
     img = d["image"]
@@ -96,8 +94,7 @@ def predict(model_path: str | Path, input_path: str | Path, output_dir: str | Pa
     model, cfg, plan, _ = load_finetuned(model_path)
     dev = pick_device(device)
     model.to(dev).eval()
-    out_dir = Path(output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(output_dir)  # made before the first label map is written: a failed predict leaves no folder
     dtype = np.uint8 if cfg.data.num_classes <= 255 else np.int16
     seen = (plan or {}).get("input_stats")
     written = []
@@ -121,6 +118,7 @@ def predict(model_path: str | Path, input_path: str | Path, output_dir: str | Pa
             nii.header.set_xyzt_units("mm")
             nii.set_qform(nii.affine, code=1)
             nii.set_sform(nii.affine, code=1)
+        out_dir.mkdir(parents=True, exist_ok=True)
         nib.save(nii, str(dst))
         written.append(dst)
     return written

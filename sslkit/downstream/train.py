@@ -1,5 +1,5 @@
-"""Fine-tuning loop: a pretrained (or scratch) encoder + decoder, the plan's preprocessing, sliding-window
-validation, on the run layer pretraining uses (sslkit.run).
+"""Fine-tuning: a pretrained (or scratch) encoder + decoder, the plan's preprocessing, sliding-window validation,
+on the one training loop and run layer pretraining uses (sslkit.engine.loop, sslkit.run).
 
 Run directory:
   config.yaml            resolved DownstreamConfig (the encoder's plan filled in)
@@ -38,18 +38,11 @@ from sslkit.downstream.from_plan import (
     segmenter_plan,
     summarize_stats,
 )
+from sslkit.engine.compile import compile_in_place, compile_mode, eager
+from sslkit.engine.distributed import read_scalars
+from sslkit.engine.loop import StepOutcome, StepReport
 from sslkit.engine.sampler import worker_init
-from sslkit.errors import ConfigError, UserError
-
-
-def unwrap_user_error(e: BaseException) -> BaseException:
-    """MONAI wraps transform exceptions in RuntimeError; surface a UserError (e.g. DataError) from the chain."""
-    seen = e
-    while seen is not None:
-        if isinstance(seen, UserError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return e
+from sslkit.errors import ConfigError, user_error_in
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -65,9 +58,11 @@ def resolve_recipe(recipe: dict | DownstreamConfig, encoder_path: str | Path | N
     """(DownstreamConfig, encoder plan or None, encoder weights file or None): the recipe with the plan of its
     encoder (`encoder_path`, else the recipe's model.init_from) filled in; differences are one warning line, or a
     ConfigError with strict_plan."""
+    from sslkit.engine.export import resolve_encoder
+
     raw = recipe if isinstance(recipe, dict) else _explicit(recipe)
-    if encoder_path:
-        raw = {**raw, "model": {**raw.get("model", {}), "init_from": str(encoder_path)}}
+    if encoder_path:  # RUN@best-probe (@healthy, @last) names a checkpoint of a pretraining run
+        raw = {**raw, "model": {**raw.get("model", {}), "init_from": resolve_encoder(encoder_path)}}
     source = raw.get("model", {}).get("init_from")
     plan, enc_file = encoder_plan(source) if source else (None, None)
     raw, diffs = recipe_from_plan(raw, plan)
@@ -110,9 +105,9 @@ def finetune(recipe: dict | DownstreamConfig, run_dir: str | Path, encoder_path:
             return out
         finally:
             run.close(ok)
-    except RuntimeError as e:
-        u = unwrap_user_error(e)
-        if u is not e:
+    except RuntimeError as e:  # MONAI wraps a transform's DataError in RuntimeError: surface the user error
+        u = user_error_in(e)
+        if u is not None:
             raise u from None
         raise
 
@@ -129,12 +124,10 @@ def make_loss(cfg):
     return DiceCELoss(to_onehot_y=True, softmax=True, lambda_dice=cfg.loss.lambda_dice, lambda_ce=cfg.loss.lambda_ce)
 
 
-def make_optimizer(param_groups: list[dict], o) -> torch.optim.Optimizer:
-    """optim.name over the adaptation's groups (a group may carry its own lr / weight_decay)."""
-    if o.name == "sgd":
-        return torch.optim.SGD(param_groups, lr=o.lr, momentum=o.betas[0], weight_decay=o.weight_decay)
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(param_groups, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+def autocast(precision: str, device: torch.device):
+    """`train.precision: bf16`: the forward under bf16 autocast (matmuls and convolutions in bf16; the weights, their
+    gradients and the optimizer state stay fp32); fp32: nothing changes."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def _input_stats(datasets) -> dict:
@@ -143,150 +136,171 @@ def _input_stats(datasets) -> dict:
 
 
 def _finetune(cfg, run: R.RunDir, device, encoder, progress: bool, stop: R.StopSignals, recipe_path) -> dict:
-    from monai.data import DataLoader
-    from tqdm import tqdm
+    from sslkit.engine.loop import Loop
 
-    from sslkit.downstream.data import make_datasets
-    from sslkit.engine.schedules import make_scheduler
-    from sslkit.monitor.trackers import Trackers
-    from sslkit.plan import recipe_record
+    task = FinetuneTask(cfg, run, device, encoder, stop, recipe_path)
+    Loop(task, run, cfg, task.total, progress, f"finetune {cfg.data.task or cfg.data.layout}",
+         postfix=task.postfix).run()
+    return task.summary
 
-    weights, enc_plan, enc_file = encoder
-    t, run_dir = cfg.train, run.root
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    random.seed(t.seed)
-    np.random.seed(t.seed)
-    torch.manual_seed(t.seed)
 
-    model = build_model(cfg)  # right after seeding: the initial weights depend only on train.seed
-    data = make_datasets(cfg.data)
-    if weights is not None and run.resume_from is None:
-        print(f"encoder weights: {load_encoder(model, weights)}", flush=True)
-    model.to(device)
-    adaptation = adapt(model, cfg.adapt, cfg.optim.lr)
-    opt = make_optimizer(adaptation.param_groups, cfg.optim)
-    loss_fn = make_loss(cfg)
-    plan = segmenter_plan(cfg, enc_plan, _input_stats(data), recipe_record(recipe_path),
-                          {"kind": "finetune", "encoder": str(enc_file) if (enc_file and weights is not None) else None,
-                           "plan_from": str(enc_file) if enc_file else None})
+class FinetuneTask:
+    """The fine-tuning side of the one loop (sslkit.engine.loop): one batch per optimizer step, the adaptation's
+    param groups and transfer schedule, validation every train.val_every steps (the best model kept as
+    model.safetensors), checkpoints at every validation."""
 
-    gen = torch.Generator()
-    loader = DataLoader(data.train, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers,
-                        generator=gen, drop_last=False, worker_init_fn=worker_init(t.worker_nice))
-    steps_per_epoch = len(loader)
-    total = t.max_steps or t.max_epochs * steps_per_epoch
-    scheduler = make_scheduler(opt, cfg.optim, total)
+    def __init__(self, cfg, run: R.RunDir, device, encoder, stop: R.StopSignals, recipe_path):
+        from monai.data import DataLoader
 
-    step, best_dice, best_step = 0, -math.inf, -1
-    if run.resume_from is not None:
-        step, best_dice, best_step = _restore(run.resume_from, model, opt, scheduler)
-        print(f"resumed from {run.resume_from} at step {step}", flush=True)
+        from sslkit.downstream.data import make_datasets
+        from sslkit.engine.optim import make_optimizer
+        from sslkit.engine.schedules import make_scheduler
+        from sslkit.plan import recipe_record
 
-    def checkpoint() -> None:
-        tmp = R.begin_checkpoint(run.checkpoints, step)
+        weights, enc_plan, enc_file = encoder
+        t = cfg.train
+        self.cfg, self.run, self.device, self.stop = cfg, run, device, stop
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        random.seed(t.seed)
+        np.random.seed(t.seed)
+        torch.manual_seed(t.seed)
+        self.model = model = build_model(cfg)  # right after seeding: the initial weights depend only on train.seed
+        self.data = make_datasets(cfg.data)
+        if weights is not None and run.resume_from is None:
+            print(f"encoder weights: {load_encoder(model, weights)}", flush=True)
+        model.to(device)
+        self.adaptation = adapt(model, cfg.adapt, cfg.optim.lr, cfg.optim.layer_decay)
+        compile_in_place([model], compile_mode(t.compile, device), fallback=t.compile == "auto")
+        self.opt = make_optimizer(model, cfg.optim, groups=self.adaptation.param_groups)
+        self.loss_fn = make_loss(cfg)
+        encoder_file = str(enc_file) if (enc_file and weights is not None) else None
+        self.plan = segmenter_plan(cfg, enc_plan, _input_stats(self.data), recipe_record(recipe_path),
+                                   {"kind": "finetune", "encoder": encoder_file,
+                                    "plan_from": str(enc_file) if enc_file else None})
+        self.gen = torch.Generator()
+        self.loader = DataLoader(self.data.train, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers,
+                                 generator=self.gen, drop_last=False, worker_init_fn=worker_init(t.worker_nice))
+        self.total = t.max_steps or t.max_epochs * len(self.loader)
+        self.scheduler = make_scheduler(self.opt, cfg.optim, self.total,
+                                        group_factors=self.adaptation.lr_factors(self.opt.param_groups))
+        self.samples = t.batch_size * (1 if cfg.data.slices else cfg.data.samples_per_volume)
+        self.step, self.best_dice, self.best_step, self.last_val = 0, -math.inf, -1, None
+        self.batches = None
+        self.summary = {}
+        self.encoder_file = encoder_file
+
+    # the loop's calls ------------------------------------------------------------------------------------
+
+    def restore(self, path: Path) -> dict:
+        from sslkit.plan import read_weights
+
+        self.model.load_state_dict(read_weights(path / MODEL_FILE)[0], strict=True)
+        state = R.load_state(path, "optimizer")
+        self.opt.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(R.load_state(path, "rng")["torch"])
+        tr = json.loads((path / "trainer.json").read_text(encoding="utf-8"))
+        best = tr.get("best") or ({"step": tr["best_step"], "value": tr["best_dice"]} if "best_dice" in tr else None)
+        if best and best.get("step", -1) >= 0:
+            self.best_dice, self.best_step = float(best["value"]), int(best["step"])
+        self.step = int(tr["step"])
+        print(f"resumed from {path} at step {self.step}", flush=True)
+        return {**tr, "best": best}
+
+    def step_zero(self) -> dict:
+        return {}
+
+    def stop_requested(self) -> str | None:
+        return self.stop.requested
+
+    def optimizer_step(self, policy) -> StepOutcome:
+        from sslkit.engine.loop import StepOutcome
+
+        if self.batches is None:
+            self.batches = self._batches()
+        epoch, batch = next(self.batches)
+        self.adaptation.set_step(self.model, self.step)  # transfer schedule: frozen encoder, then the whole model
+        x, y = plain(batch["image"]).to(self.device), plain(batch["label"]).to(self.device)
+        self.opt.zero_grad(set_to_none=True)
+        with autocast(self.cfg.train.precision, self.device):
+            logits = self.model(x)
+        loss = self.loss_fn(logits.float(), y)  # softmax, Dice and cross-entropy sums in fp32
+        loss.backward()
+        params = [p for g in self.opt.param_groups for p in g["params"]]
+        clip = self.cfg.train.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        lr_now = self.opt.param_groups[0]["lr"]
+        read = read_scalars({"loss": loss.detach(), "grad_norm": norm})  # the step's one device-to-host transfer
+        loss_v, norm_v = read["loss"], read["grad_norm"]
+        bad = not (math.isfinite(loss_v) and math.isfinite(norm_v))
+        why = policy.verdict(bad)
+        if why:
+            return StepOutcome(False, stop=why)
+        if not bad:  # a bad step's gradients are dropped: weights unchanged, the schedule moves on
+            self.opt.step()
+        self.scheduler.step()
+        self.step += 1
+        logs = {"epoch": epoch, "loss": loss_v, "lr": lr_now, "grad_norm": norm_v}
+        return StepOutcome(not bad, logs, samples=self.samples)
+
+    def end_step(self, step: int, outcome) -> StepReport:
+        from sslkit.engine.loop import StepReport
+
+        t = self.cfg.train
+        report = StepReport()
+        if step % t.val_every == 0 or step == self.total:
+            with eager():  # sliding windows in eval mode: eager (a compile per window batch shape)
+                summary, _ = validate(self.model, self.data.val, self.cfg, self.device, self.data.val_cases,
+                                      t.val_cases)
+            self.adaptation.train_mode(self.model)
+            md = self.last_val = summary["mean_dice"]
+            report.metrics = {"val_mean_dice": md,
+                              "val_dice": {k: v["dice"] for k, v in summary["per_class"].items()}}
+            report.checkpoint = True
+            if not math.isnan(md) and md > self.best_dice:
+                self.best_dice, self.best_step = md, step
+                report.best = md
+                save_model(self.model, self.cfg, self.plan, self.run.root / MODEL_FILE)
+        return report
+
+    def save(self, step: int, trainer_state: dict, protect: set[str]) -> Path:
+        tmp = R.begin_checkpoint(self.run.checkpoints, step)
         try:
-            save_model(model, cfg, plan, tmp / MODEL_FILE)
-            R.save_state(tmp, "optimizer", {"optimizer": opt.state_dict(), "scheduler": scheduler.state_dict()})
+            save_model(self.model, self.cfg, self.plan, tmp / MODEL_FILE)
+            R.save_state(tmp, "optimizer", {"optimizer": self.opt.state_dict(), "scheduler": self.scheduler.state_dict()})
             R.save_state(tmp, "rng", {"torch": torch.get_rng_state()})
-            R.atomic_write_json(tmp / "trainer.json", {"step": step, "best_dice": best_dice, "best_step": best_step})
+            R.atomic_write_json(tmp / "trainer.json", trainer_state)
         except BaseException:
             R.abandon_checkpoint(tmp)
             raise
-        R.finish_checkpoint(tmp, step, t.keep_last)
+        return R.finish_checkpoint(tmp, step, self.cfg.train.keep_last, protect)
 
-    metrics = R.JsonlWriter(run_dir / "metrics.jsonl")
-    trackers = Trackers.open(cfg.logging, run_dir, run_dir.name, cfg.to_dict(),
-                             resume_step=step if run.resume_from is not None else None)
-    bar = tqdm(total=total, initial=step, desc=f"finetune {cfg.data.task or cfg.data.layout}", unit="step",
-               disable=not progress, dynamic_ncols=True, mininterval=0)
-    last_val, stopped_by, elapsed, skipped, skipped_in_a_row = None, None, 0.0, 0, 0
-    samples = t.batch_size * (1 if cfg.data.slices else cfg.data.samples_per_volume)
-    try:
-        while step < total and not stopped_by:
-            epoch, skip = divmod(step, steps_per_epoch)
-            gen.manual_seed(_epoch_seed(t.seed, epoch))
-            data.train.transform.set_random_state(seed=_epoch_seed(t.seed, epoch))
-            adaptation.train_mode(model)
-            for bi, batch in enumerate(loader):
-                if bi < skip:
-                    continue
-                x, y = plain(batch["image"]).to(device), plain(batch["label"]).to(device)
-                t0 = time.perf_counter()
-                opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                loss.backward()
-                params = [p for g in opt.param_groups for p in g["params"]]
-                norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else math.inf)
-                lr_now = opt.param_groups[0]["lr"]
-                bad = not (math.isfinite(float(loss.detach())) and math.isfinite(float(norm)))
-                skipped_in_a_row = skipped_in_a_row + 1 if bad else 0
-                if bad and (t.nonfinite == "stop" or skipped_in_a_row >= R.MAX_SKIPPED_IN_A_ROW):
-                    last_ck = R.newest_valid_checkpoint(run.checkpoints)
-                    stopped_by = "nonfinite"
-                    print(f"sslkit: stopped at step {step + 1}: non-finite loss or gradient norm; "
-                          + (f"last finite checkpoint: {last_ck}" if last_ck else "no checkpoint was written yet"),
-                          file=sys.stderr, flush=True)
-                    break
-                if bad:
-                    skipped += 1  # the gradients are dropped: weights unchanged, the schedule moves on
-                else:
-                    opt.step()
-                scheduler.step()
-                step += 1
-                dt = time.perf_counter() - t0
-                elapsed += dt
-                row = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": lr_now, "step_time": dt,
-                       "samples_per_s": samples / max(dt, 1e-9), "eta_s": elapsed / step * (total - step),
-                       "grad_norm": float(norm), "skipped_steps": skipped}
-                validating = step % t.val_every == 0 or step == total
-                if validating:
-                    summary, _ = validate(model, data.val, cfg, device, data.val_cases, t.val_cases)
-                    adaptation.train_mode(model)
-                    md = last_val = summary["mean_dice"]
-                    row.update(val_mean_dice=md, val_dice={k: v["dice"] for k, v in summary["per_class"].items()})
-                    if not math.isnan(md) and md > best_dice:
-                        best_dice, best_step = md, step
-                        save_model(model, cfg, plan, run_dir / MODEL_FILE)
-                metrics.write(row)  # before the checkpoint: a run resumed from it has every row up to its step
-                trackers.log_metrics(step, row)
-                if validating or stop.requested:
-                    checkpoint()
-                bar.set_postfix(loss=f"{row['loss']:.4f}", best_dice=f"{best_dice:.4f}" if best_step >= 0 else "-",
-                                refresh=False)
-                bar.update(1)  # one refresh per step
-                if stop.requested:
-                    stopped_by = stop.requested
-                    break
-                if step >= total:
-                    break
-    except BaseException as e:  # the trackers learn that the run failed (or was interrupted), then it propagates
-        trackers.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-        raise
-    bar.close()
-    metrics.close()
-    if (run_dir / MODEL_FILE).is_file():
-        trackers.log_artifact(run_dir / MODEL_FILE)
-    trackers.close("KILLED" if stopped_by else "FINISHED")
-    nonfinite = stopped_by == "nonfinite"
-    stopped_by = None if nonfinite else stopped_by
-    out = {"best_dice": best_dice if best_step >= 0 else None, "best_step": best_step, "steps": step,
-           "stopped_by_nonfinite": nonfinite,
-           "last_val_dice": last_val, "encoder": str(enc_file) if (enc_file and weights is not None) else None,
-           "run_dir": str(run_dir),
-           "stopped_by_signal": stopped_by}
-    R.atomic_write_json(run_dir / "summary.json", out)
-    return out
+    def finish(self, result) -> list[Path]:
+        """summary.json; the best model is the file the trackers keep."""
+        self.summary = {"best_dice": self.best_dice if self.best_step >= 0 else None, "best_step": self.best_step,
+                        "steps": result.steps, "stopped_by_nonfinite": bool(result.nonfinite),
+                        "last_val_dice": self.last_val, "encoder": self.encoder_file, "run_dir": str(self.run.root),
+                        "stopped_by_signal": result.stopped_by_signal}
+        R.atomic_write_json(self.run.root / "summary.json", self.summary)
+        return [p for p in (self.run.root / MODEL_FILE,) if p.is_file()]
 
+    # helpers ---------------------------------------------------------------------------------------------
 
-def _restore(ckpt: Path, model, opt, scheduler) -> tuple[int, float, int]:
-    """Weights, optimizer, schedule and RNG of a fine-tuning checkpoint; (step, best Dice, best step)."""
-    from sslkit.plan import read_weights
+    def postfix(self, row: dict) -> dict:
+        best = f"{self.best_dice:.4f}" if self.best_step >= 0 else "-"
+        return {"loss": f"{row['loss']:.4f}", "best_dice": best}
 
-    model.load_state_dict(read_weights(ckpt / MODEL_FILE)[0], strict=True)
-    state = R.load_state(ckpt, "optimizer")
-    opt.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(R.load_state(ckpt, "rng")["torch"])
-    tr = json.loads((ckpt / "trainer.json").read_text(encoding="utf-8"))
-    return int(tr["step"]), float(tr["best_dice"]), int(tr["best_step"])
+    def _batches(self):
+        """(epoch, batch) from the step the run stands at: each epoch's order and augmentation are seeded by (seed,
+        epoch), and the batches of the current epoch already used are skipped."""
+        t = self.cfg.train
+        epoch, skip = divmod(self.step, len(self.loader))
+        while True:
+            self.gen.manual_seed(_epoch_seed(t.seed, epoch))
+            self.data.train.transform.set_random_state(seed=_epoch_seed(t.seed, epoch))
+            self.adaptation.train_mode(self.model)
+            for i, batch in enumerate(self.loader):
+                if i >= skip:
+                    yield epoch, batch
+            epoch, skip = epoch + 1, 0

@@ -100,14 +100,26 @@ def broadcast_int(value: int) -> int:
     return int(t.item())
 
 
-def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    """The mean of each value over every rank (one all-reduce); as is for one process."""
+def read_scalars(values: dict) -> dict:
+    """Tensor values to floats with one device-to-host transfer; other values as they are (None dropped)."""
+    tensors = {k: v for k, v in values.items() if torch.is_tensor(v)}
+    out = {k: v for k, v in values.items() if v is not None and not torch.is_tensor(v)}
+    if tensors:
+        packed = torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).cpu().tolist()
+        out.update(zip(tensors, packed))
+    return out
+
+
+def mean_across_ranks(values: dict) -> dict[str, float]:
+    """The mean over every rank of each value (a number or a one-element tensor), as floats: one all-reduce and
+    one device-to-host transfer; for one process, `read_scalars`. None values are dropped."""
+    values = {k: v for k, v in values.items() if v is not None}
     if not (dist.is_initialized() and dist.get_world_size() > 1) or not values:
-        return dict(values)
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device())
+        return read_scalars(values)
+    keys, dev = sorted(values), _collective_device()
+    t = torch.stack([torch.as_tensor(values[k]).detach().to(dev, torch.float64).reshape(()) for k in keys])
     dist.all_reduce(t)
-    return {k: float(v) / dist.get_world_size() for k, v in zip(keys, t.tolist())}
+    return {k: v / dist.get_world_size() for k, v in zip(keys, t.tolist())}
 
 
 def any_flag(flag: bool) -> bool:

@@ -21,6 +21,9 @@ from sslkit import run as R
 from sslkit.config import Config
 from sslkit.engine import checkpoint as C
 from sslkit.engine import distributed as D
+from sslkit.engine.compile import compile_in_place, compile_mode, eager, pretraining_modules
+from sslkit.engine.optim import make_optimizer
+from sslkit.data.pretrain import cache_dir_of
 from sslkit.engine.sampler import EpochSampler, worker_init
 from sslkit.engine.schedules import make_scheduler
 from sslkit.errors import ConfigError, UserError
@@ -57,7 +60,8 @@ class RunResult:
 
 def build_model(cfg: Config) -> SSLModel:
     m = cfg.model
-    encoder = build_encoder(m.name, spatial_dims=m.spatial_dims, in_channels=m.in_channels, **m.args)
+    encoder = build_encoder(m.name, spatial_dims=m.spatial_dims, in_channels=m.in_channels,
+                            activation_checkpointing=m.activation_checkpointing, **m.args)
     return SSLModel(encoder, Composite.from_specs(cfg.objectives, encoder))
 
 
@@ -75,6 +79,9 @@ def check_buildable(cfg: Config, device: torch.device) -> None:
         raise ConfigError(f"model.init_from: {cfg.model.init_from} not found")
     if t.precision == "fp16" and device.type != "cuda":
         raise ConfigError("train.precision: fp16 needs a CUDA device (use bf16 or fp32 on the CPU)")
+    if t.zero_stage == 3 and t.compile not in ("auto", "off"):
+        raise ConfigError(f"train.compile: {t.compile} needs train.zero_stage 0, 1 or 2 (ZeRO-3 gathers parameters in "
+                          "hooks around every module call); use off")
     try:
         with empty_weights():
             model = build_model(cfg)
@@ -95,26 +102,14 @@ def deepspeed_config(cfg: Config) -> dict:
         "gradient_accumulation_steps": t.grad_accum_steps,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
-        "bf16": {"enabled": t.precision == "bf16"},
+        # bf16: torch.autocast around the forward (weights, gradients, optimizer state and EMA teachers stay fp32);
+        # DeepSpeed's own bf16 mode keeps bf16 weights and checks every gradient for overflow with one host sync each
+        "torch_autocast": {"enabled": t.precision == "bf16", "dtype": "bfloat16"},
         "fp16": {"enabled": t.precision == "fp16", "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # a torch optimizer avoids DeepSpeed's JIT-built fused Adam
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-
-
-def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW, Adam or SGD with momentum betas[0]; no weight decay on biases and norm weights."""
-    o = cfg.optim
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.betas[0])
-    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(groups, lr=o.lr, betas=tuple(o.betas))
 
 
 def make_dataset(cfg: Config, run_dir: Path, progress: bool = True):
@@ -143,21 +138,25 @@ def make_dataset(cfg: Config, run_dir: Path, progress: bool = True):
                               progress=progress and rank == 0)
 
 
-def cache_dir_of(cfg: Config, run_dir: Path) -> Path:
-    """data.cache_dir (a store prepared by `sslkit data prepare`, or one pretraining fills), else
-    <run_dir>/../.cache/sslkit."""
-    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else Path(run_dir).parent / ".cache" / "sslkit"
-
-
-def pretraining_plan(cfg: Config, recipe: dict | None, corpus: dict | None, strides: list) -> dict:
-    """The plan every checkpoint and export of this run carries (sslkit.plan)."""
+def pretraining_plan(cfg: Config, recipe: dict | None, corpus: dict | None, strides: list,
+                     device: str | None = None) -> dict:
+    """The plan every checkpoint and export of this run carries (sslkit.plan); `device`: what it trained on."""
     from sslkit.plan import make_plan, preprocessing_plan
 
     m = cfg.model
     prep = preprocessing_plan(cfg.data, m.spatial_dims, m.in_channels, slices=m.spatial_dims == 2)
     channels = [int(c) for c in getattr(build_model_encoder_shape(cfg), "feature_channels", [])]
-    return make_plan(m.name, m.args, prep, channels, strides, recipe=recipe, corpus=corpus,
-                     source={"kind": "pretrain", "objectives": [o["name"] for o in cfg.objectives]})
+    source = {"kind": "pretrain", "objectives": [o["name"] for o in cfg.objectives]}
+    if device:
+        source["device"] = device
+    return make_plan(m.name, m.args, prep, channels, strides, recipe=recipe, corpus=corpus, source=source)
+
+
+def device_description(device: torch.device, world: int) -> str:
+    """'2 x cuda (NVIDIA H100 80GB HBM3)' or '1 x cpu (2 threads)': what a run trained on, for its plan."""
+    what = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else \
+        f"cpu ({torch.get_num_threads()} threads)"
+    return f"{world} x {what}"
 
 
 def build_model_encoder_shape(cfg: Config):
@@ -197,15 +196,17 @@ def _param_snapshot(module: nn.Module) -> list[torch.Tensor] | None:
     return [p.detach().float().clone() for p in params]
 
 
-def _update_to_weight(module: nn.Module, before: list[torch.Tensor] | None) -> float | None:
+def _update_to_weight(module: nn.Module, before: list[torch.Tensor] | None) -> torch.Tensor | None:
+    """||w - w_before|| / ||w_before|| over every trainable parameter, on the device (read by the caller)."""
     if before is None:
         return None
-    num = den = 0.0
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p, b in zip(params, before):
-        num += float((p.detach().float() - b).pow(2).sum())
-        den += float(b.pow(2).sum())
-    return math.sqrt(num) / max(math.sqrt(den), 1e-12)
+    params = [p.detach().float() for p in module.parameters() if p.requires_grad]
+    return _total_norm(torch._foreach_sub(params, before)) / _total_norm(before).clamp_min(1e-12)
+
+
+def _total_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of the concatenation of `tensors`, as a 0-d fp32 tensor on their device (no host sync)."""
+    return torch.nn.utils.get_total_norm([t.float() for t in tensors], 2.0)
 
 
 def _open_run(cfg: Config, run_dir: Path, resume: str | None) -> R.RunDir:
@@ -246,13 +247,15 @@ def _nonfinite_params(module: nn.Module) -> bool:
     return False
 
 
-# ------------------------------------------------------------------------------------------------ loop
+# ------------------------------------------------------------------------------------------------ the run
 
 
 def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progress: bool = True,
              recipe: str | Path | None = None) -> RunResult:
     """Run (or resume) pretraining into `run_dir`. Collective under torchrun. `recipe`: the YAML file the config
     came from (recorded in the plan)."""
+    from sslkit.engine.loop import Loop
+
     run_dir = Path(run_dir)
     device = D.pick_device(cfg.train.device)
     check_buildable(cfg, device)
@@ -263,33 +266,25 @@ def pretrain(cfg: Config, run_dir: str | Path, resume: str | None = None, progre
     ok = False
     try:
         with R.StopSignals() as stop:
-            result = _Training(cfg, run, device, progress, stop, recipe).run()
+            task = PretrainTask(cfg, run, device, stop, recipe, progress)
+            res = Loop(task, run, cfg, cfg.train.max_steps, progress, "pretrain", postfix=_postfix).run()
         ok = True
-        return result
+        return RunResult(run_dir, res.steps, res.stopped_by_alarm, res.stopped_by_signal, res.nonfinite, res.last)
     finally:
         run.close(ok)
 
 
-@dataclass
-class _Counters:
-    """Where the loop stands; all but `skipped_in_a_row` travel in every checkpoint's trainer state."""
-    step: int = 0
-    micro_step: int = 0
-    elapsed: float = 0.0
-    healthy: str | None = None     # the last checkpoint saved while the monitor raised no alarm
-    skipped: int = 0               # optimizer steps dropped for a non-finite loss / gradient
-    skipped_in_a_row: int = 0
-
-
 class _StepSums:
-    """Loss and logs summed over the micro-batches of one optimizer step."""
+    """Loss and logs summed over the micro-batches of one optimizer step, tensors kept on the device (no host sync):
+    the step reads them once, at its end."""
 
     def __init__(self):
         self.loss, self.logs, self.n = 0.0, {}, 0
 
-    def add(self, loss: float, logs: dict) -> None:
-        self.loss += loss
+    def add(self, loss: torch.Tensor, logs: dict) -> None:
+        self.loss = self.loss + loss.detach().float()
         for k, v in logs.items():
+            v = v.detach().float() if torch.is_tensor(v) else v
             self.logs[k] = self.logs.get(k, 0.0) + v
         self.n += 1
 
@@ -297,11 +292,12 @@ class _StepSums:
         return {"loss": self.loss / self.n, **{k: v / self.n for k, v in self.logs.items()}}
 
 
-class _Training:
-    """One pretraining run in a process: built (and resumed) by the constructor, driven by `run()`."""
+class PretrainTask:
+    """The pretraining side of the one loop (sslkit.engine.loop): a DeepSpeed engine over the student encoder and
+    the objectives' heads, micro-batches accumulated into optimizer steps, the EMA teachers, the collapse monitor and
+    probes, and checkpoints with DeepSpeed's state. Built in the constructor; the loop drives it."""
 
-    def __init__(self, cfg: Config, run: R.RunDir, device: torch.device, progress: bool, stop: R.StopSignals,
-                 recipe):
+    def __init__(self, cfg: Config, run: R.RunDir, device: torch.device, stop: R.StopSignals, recipe, progress: bool):
         import deepspeed
 
         from sslkit.monitor.monitor import Monitor
@@ -309,6 +305,7 @@ class _Training:
         self.cfg, self.dirs, self.device, self.stop, self.recipe = cfg, run, device, stop, recipe  # dirs: R.RunDir
         self.run_dir, t = run.root, cfg.train
         self.rank, self.world = D.rank(), D.world_size()
+        self.task_probe = make_task_probe(cfg)  # before the corpus: a probe that cannot run costs no preparation
         self.dataset = make_dataset(cfg, self.run_dir, progress)
         torch.manual_seed(t.seed)  # identical initial weights on every rank
         self.model = model = build_model(cfg)
@@ -318,58 +315,199 @@ class _Training:
             desc = load_pretrained(model.encoder, cfg.model.init_from)
             if self.rank == 0:
                 print(f"encoder weights: {desc}", flush=True)
-        optimizer = make_optimizer(cfg, model)
+        optimizer = make_optimizer(model, cfg.optim)
         self.sched = make_scheduler(optimizer, cfg.optim, t.max_steps)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=self.sched,
                                                     config=deepspeed_config(cfg))
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
+        self.dtype = torch.float16 if t.precision == "fp16" else torch.float32  # bf16: autocast casts per operation
         self.objectives = model.objectives
         for teacher in self.objectives.teachers().values():
             teacher.to(device)
             teacher.gather = D.zero3_gather
+        compile_in_place(pretraining_modules(model), compile_mode(t.compile, device, t.zero_stage),
+                         fallback=t.compile == "auto")
         _seed_generators(self.objectives, t.seed, self.rank)
         self.generators = self.objectives.generators()
         self.monitor = Monitor(cfg.monitor, self.run_dir if self.rank == 0 else None)  # rank 0 decides and logs
-        self.n = _Counters()
+        self.micro_step, self.best_probe, self.healthy, self.snapshot = 0, None, None, None
+        self.step = 0  # optimizer steps done (the loop's counter, mirrored for the monitor's cadence)
         torch.manual_seed(t.seed * 7919 + self.rank)  # run-time randomness (objective masks, rotations) per rank
-        if run.resume_from is not None:
-            self._resume(C.read_checkpoint(run.resume_from, self.engine))
-        self.sampler = EpochSampler(len(self.dataset), t.micro_batch_size, t.seed, self.rank, self.world,
-                                    start_micro_step=self.n.micro_step)
-        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=t.micro_batch_size, sampler=self.sampler,
-                                                  num_workers=t.num_workers, drop_last=True,
-                                                  worker_init_fn=worker_init(t.worker_nice),
-                                                  pin_memory=device.type == "cuda")
-        self._open_outputs(progress)
         self.probe_crops = self.dataset.probe_crops(cfg.monitor.probe_crops) if cfg.monitor.probe_every else None
         self._plan = None
-        self.sums = _StepSums()
-        self.snapshot, self.local_norm, self.last = None, None, {}
-        self.stopped, self.stop_signal, self.nonfinite_stop = False, None, None
+        self.data_iter = None
 
-    def _resume(self, state: dict) -> None:
+    # the loop's calls ------------------------------------------------------------------------------------
+
+    def restore(self, path: Path) -> dict:
+        state = C.read_checkpoint(path, self.engine)
         self.objectives.load_teacher_state(state["teacher"])
         C.set_rng_state(state["rank_tensors"], state["rank_plain"]["rng"])
         for name, gen in self.generators.items():
             gen.set_state(state["rank_tensors"][f"gen.{name}"])
         self.monitor.load_state_dict(_monitor_state_from(state))
         tr = state["trainer"]
-        self.n = _Counters(tr["step"], tr["micro_step"], tr["elapsed"], tr.get("healthy"), tr.get("skipped_steps", 0))
+        self.micro_step, self.healthy, self.step = int(tr["micro_step"]), tr.get("healthy"), int(tr["step"])
+        self.best_probe = (tr.get("best") or {}).get("value")
         if self.rank == 0:
-            print(f"resumed from {self.dirs.resume_from} at step {self.n.step}", flush=True)
+            print(f"resumed from {path} at step {tr['step']}", flush=True)
+        return tr
 
-    def _open_outputs(self, progress: bool) -> None:
-        """metrics.jsonl, the trackers and the progress bar: rank 0 only."""
-        from sslkit.monitor.trackers import Trackers
+    def step_zero(self) -> dict:
+        """The task probe of the initial encoder and its two reference lines (before any update)."""
+        if self.task_probe is None:
+            return {}
+        figures = self._probe_task()
+        random_encoder = _random_encoder(self.cfg) if self.cfg.model.init_from else None
+        refs = self.task_probe.references(random_encoder)
+        if random_encoder is None:  # the initial encoder is the random one
+            refs.update({k.replace("task_probe/", "task_probe/ref_random/", 1): v for k, v in figures.items()})
+        return {**figures, **refs}
 
-        self.metrics_out = self.trackers = self.bar = None
-        if self.rank != 0:
-            return
-        self.metrics_out = R.JsonlWriter(self.run_dir / "metrics.jsonl")
-        resumed = self.dirs.resume_from is not None
-        self.trackers = Trackers.open(self.cfg.logging, self.run_dir, self.run_dir.name, self.cfg.to_dict(),
-                                      resume_step=self.n.step if resumed else None)
-        self.bar = _progress_bar(self.cfg.train.max_steps, self.n.step) if progress else None
+    def stop_requested(self) -> str | None:
+        return self.stop.requested
+
+    def optimizer_step(self, policy) -> "StepOutcome":
+        """Every micro-batch of one optimizer step: forward, backward, engine.step(). Loss, logs and the gradient norm
+        stay on the device until the accumulation boundary, where they are read in one transfer (one all-reduce
+        across ranks); the non-finite check then decides, with the policy, whether the update is applied."""
+        from sslkit.engine.loop import StepOutcome
+
+        if self.data_iter is None:
+            self.data_iter = iter(self._loader())
+        engine, model, t = self.engine, self.model, self.cfg.train
+        sums = _StepSums()
+        while True:
+            boundary = engine.is_gradient_accumulation_boundary()
+            batch = _to_device(next(self.data_iter), self.device, self.dtype)
+            if boundary and self._monitor_due(self.step + 1):
+                self.snapshot = _param_snapshot(model)
+            out = engine(batch)
+            engine.backward(out.loss)
+            sums.add(out.loss, out.logs)
+            self.monitor.observe(out.embeddings, out.teacher_embeddings)
+            if boundary:
+                break
+            engine.step()
+            self.micro_step += 1
+        values = {**sums.means(), "grad_norm": _param_grad_norm(model)}  # before step() clips and zeroes them
+        read = D.mean_across_ranks(values)  # the step's one device-to-host transfer
+        logs = {k: read[k] for k in values if k in read}
+        bad = not (math.isfinite(logs["loss"]) and math.isfinite(logs.get("grad_norm", 0.0)))
+        why = policy.verdict(bad, poisoned=bad and D.any_flag(_nonfinite_params(model)))
+        if why:
+            return StepOutcome(False, stop=why)
+        skipped_before = engine.skipped_steps
+        with _skipped_update(engine) if bad else _nothing():
+            engine.step()
+        if bad and engine.skipped_steps == skipped_before and D.any_flag(_nonfinite_params(model)):
+            return StepOutcome(False, stop="DeepSpeed applied the step: under ZeRO >= 1 in fp32 it checks "
+                                           "gradients only with train.grad_clip > 0")
+        self.micro_step += 1
+        self.step += 1
+        applied = engine.skipped_steps == skipped_before and not bad  # overflow / non-finite: no update, no EMA
+        logs["lr"] = self.sched.get_last_lr()[0]
+        if "grad_norm" not in logs:  # ZeRO-2/3: DeepSpeed's norm of its partitions, read after its step
+            logs["grad_norm"] = _grad_norm(engine)
+        samples = t.micro_batch_size * t.grad_accum_steps * self.world
+        return StepOutcome(applied, logs, samples=samples)
+
+    def _monitor_due(self, step: int) -> bool:
+        """The collapse statistics (and update_to_weight) are computed, and read from the device, at this step."""
+        return self.monitor.cfg.enabled and step % self.cfg.monitor.every == 0
+
+    def end_step(self, step: int, outcome) -> "StepReport":
+        """EMA teachers, collapse metrics and probes, alarms."""
+        from sslkit.engine.loop import StepReport
+
+        cfg = self.cfg
+        if outcome.applied:
+            self.objectives.on_optimizer_step(step, cfg.train.max_steps)
+        extra = {"micro_step": self.micro_step, "epoch": self.sampler.epoch_of(self.micro_step - 1),
+                 **self.objectives.log_scalars()}
+        metrics = {}
+        if self._monitor_due(step):  # the monitor's own step: it reads its statistics from the device
+            change = _update_to_weight(self.model, self.snapshot) if outcome.applied else 0.0
+            extra["update_to_weight"] = float(change) if change is not None else None
+            metrics = self.monitor.end_step(step, {k: v for k, v in outcome.logs.items() if v is not None})
+        if self.probe_crops is not None and step % cfg.monitor.probe_every == 0:
+            with eager():
+                metrics.update(self.monitor.probe(self.model.encoder, self.probe_crops.to(self.device, self.dtype),
+                                                  step))
+        report = StepReport(metrics={**extra, **metrics})
+        if self.task_probe is not None and step % cfg.monitor.task_probe.every == 0:
+            figures = self._probe_task()
+            report.metrics.update(figures)
+            value = figures["task_probe/dice_mean"]
+            if math.isfinite(value) and (self.best_probe is None or value > self.best_probe):
+                self.best_probe = report.best = value
+                report.checkpoint = True  # the best-probe encoder must exist as a checkpoint to be selected
+        events = self.monitor.check_alarms(step, {**outcome.logs, **report.metrics})
+        report.events = events if self.rank == 0 else []
+        stops = [e for e in events if e.action in ("stop", "stop_keep_healthy")]
+        report.stop = bool(stops)  # the loop acts on rank 0's decision
+        report.healthy = self.monitor.last_healthy_step == step
+        if stops:
+            _finish_stop(self.run_dir, stops, self.healthy, self.rank)
+        return report
+
+    def save(self, step: int, trainer_state: dict, protect: set[str]) -> Path | None:
+        student = _full_state(self.model)
+        if D.any_flag(any(not bool(torch.isfinite(v).all()) for v in student.values() if v.is_floating_point())):
+            _say(f"step {step}: the weights hold NaN / inf values; no checkpoint written")
+            return None
+        rng_t, rng_p = C.rng_state()
+        gen_t = {f"gen.{k}": g.get_state() for k, g in self.generators.items()}
+        mon_t, mon_p = _split_state(self.monitor.state_dict())
+        self.healthy = trainer_state.get("healthy")
+        state = {**trainer_state, "micro_step": self.micro_step, "epoch": self.sampler.epoch_of(self.micro_step),
+                 "world_size": self.world}
+        return C.write_checkpoint(self.dirs.checkpoints, step, self.engine, student, self.objectives.teacher_state(),
+                                  {**rng_t, **gen_t, **{f"mon.{k}": v for k, v in mon_t.items()}},
+                                  {"rng": rng_p, "monitor": mon_p}, state, self.cfg.train.keep_last,
+                                  protect=protect, plan=self.plan() if self.rank == 0 else None)
+
+    def finish(self, result) -> list[Path]:
+        """A run that reached max_steps exports its encoder and plan (the files the trackers keep); one whose final
+        weights are non-finite exports the encoder of its last finite checkpoint, if there is one."""
+        from sslkit.monitor.task_probe import probe_record
+
+        if result.fallback is not None:
+            if self.rank == 0:
+                from sslkit.engine.export import export_from_run
+
+                export_from_run(self.run_dir, self.run_dir / "encoder.safetensors", checkpoint=str(result.fallback))
+            D.barrier()
+            return [self.run_dir / "encoder.safetensors"]
+        if not result.finished:
+            return []
+        plan = self.plan() if self.rank == 0 else None
+        if plan is not None:
+            plan = {**plan, **probe_record(self.run_dir)}
+        export_encoder(self.model, self.run_dir / "encoder.safetensors", plan)
+        if self.rank == 0:
+            R.atomic_write_json(self.run_dir / "plan.json", plan)
+        D.barrier()
+        return [self.run_dir / "encoder.safetensors", self.run_dir / "plan.json"]
+
+    # helpers ---------------------------------------------------------------------------------------------
+
+    def _loader(self):
+        t = self.cfg.train
+        self.sampler = EpochSampler(len(self.dataset), t.micro_batch_size, t.seed, self.rank, self.world,
+                                    start_micro_step=self.micro_step)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=t.micro_batch_size, sampler=self.sampler,
+                                           num_workers=t.num_workers, drop_last=True,
+                                           worker_init_fn=worker_init(t.worker_nice),
+                                           pin_memory=self.device.type == "cuda")
+
+    def _probe_task(self) -> dict:
+        """Task-probe figures of the encoder the probe reads (the teacher's where there is one); collective
+        under ZeRO-3 (every rank embeds; the figures are the same on every rank)."""
+        from sslkit.monitor.task_probe import probe_encoder
+
+        encoder = probe_encoder(self.objectives, self.model.encoder)
+        with D.zero3_gather(list(encoder.parameters())), eager():
+            return self.task_probe.measure(encoder)
 
     def plan(self) -> dict:
         if self._plan is None:
@@ -378,170 +516,42 @@ class _Training:
 
             partitioned = any(hasattr(p, "ds_id") for p in self.model.encoder.parameters())
             encoder = build_model(self.cfg).encoder if partitioned else self.model.encoder  # ZeRO-3: a CPU copy
-            strides = measure_feature_strides(encoder, list(self.cfg.data.roi))
+            with eager():
+                strides = measure_feature_strides(encoder, list(self.cfg.data.roi))
             self._plan = pretraining_plan(self.cfg, recipe_record(self.recipe), self.dataset.corpus_summary(),
-                                          strides)
+                                          strides, device_description(self.device, self.world))
         return self._plan
 
-    def save(self, step: int, healthy: bool) -> Path | None:
-        student = _full_state(self.model)
-        if D.any_flag(any(not bool(torch.isfinite(v).all()) for v in student.values() if v.is_floating_point())):
-            _say(self.bar, f"step {step}: the weights hold NaN / inf values; no checkpoint written")
-            return None
-        rng_t, rng_p = C.rng_state()
-        gen_t = {f"gen.{k}": g.get_state() for k, g in self.generators.items()}
-        mon_t, mon_p = _split_state(self.monitor.state_dict())
-        n = self.n
-        if healthy:
-            n.healthy = R.step_dir_name(step)
-        trainer_state = {"step": step, "micro_step": n.micro_step, "epoch": self.sampler.epoch_of(n.micro_step),
-                         "elapsed": n.elapsed, "healthy": n.healthy, "world_size": self.world,
-                         "skipped_steps": n.skipped}
-        return C.write_checkpoint(self.dirs.checkpoints, step, self.engine, student, self.objectives.teacher_state(),
-                                  {**rng_t, **gen_t, **{f"mon.{k}": v for k, v in mon_t.items()}},
-                                  {"rng": rng_p, "monitor": mon_p}, trainer_state, self.cfg.train.keep_last,
-                                  protect={n.healthy} if n.healthy else set(),
-                                  plan=self.plan() if self.rank == 0 else None)
 
-    def run(self) -> RunResult:
-        step_start = time.perf_counter()
-        try:
-            data_iter = iter(self.loader)
-            while self.n.step < self.cfg.train.max_steps:
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                applied = self._micro_batch(next(data_iter), boundary)
-                if self.nonfinite_stop:
-                    break
-                if not boundary:
-                    continue
-                now = time.perf_counter()
-                dt, step_start = now - step_start, now
-                if self._end_step(applied, dt):
-                    break
-        except BaseException as e:  # the trackers learn that the run failed (or was interrupted), then it propagates
-            if self.trackers is not None:
-                self.trackers.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
-            raise
-        return self._finish()
+def make_task_probe(cfg: Config):
+    """The run's task probe (sslkit.monitor.task_probe), or None without monitor.task_probe.datalist."""
+    tp = cfg.monitor.task_probe
+    if not tp.datalist:
+        return None
+    from sslkit.monitor.task_probe import TaskProbe, load_probe_set
 
-    def _micro_batch(self, batch: dict, boundary: bool) -> bool:
-        """Forward, backward and engine.step() of one micro-batch; at a boundary, whether the update was applied.
-        Sets `nonfinite_stop` when a non-finite loss / gradient ends the run."""
-        engine, model, n = self.engine, self.model, self.n
-        batch = _to_device(batch, self.device, self.dtype)
-        if boundary and self.monitor.cfg.enabled:
-            self.snapshot = _param_snapshot(model)
-        out = engine(batch)
-        engine.backward(out.loss)
-        skipped_before = engine.skipped_steps
-        loss_now = float(out.loss.detach())
-        local_norm = _param_grad_norm(model) if boundary else None  # before step() clips and zeroes them
-        bad = boundary and D.any_flag(not math.isfinite(self.sums.loss + loss_now) or
-                                      (local_norm is not None and not math.isfinite(local_norm)))
-        why = _why_stop(self.cfg.train.nonfinite, n.skipped_in_a_row + 1, model) if bad else None
-        if why:
-            self.nonfinite_stop = _nonfinite_message(n.step + 1, why, self.dirs, n.healthy)
-            return False
-        with _skipped_update(engine) if bad else _nothing():
-            engine.step()
-        if bad and engine.skipped_steps == skipped_before and D.any_flag(_nonfinite_params(model)):
-            self.nonfinite_stop = _nonfinite_message(n.step + 1, "DeepSpeed applied the step: under ZeRO >= 1 in "
-                                                     "fp32 it checks gradients only with train.grad_clip > 0",
-                                                     self.dirs, n.healthy)
-            return False
-        n.micro_step += 1
-        self.sums.add(loss_now, out.logs)
-        self.monitor.observe(out.embeddings, out.teacher_embeddings)
-        self.local_norm = local_norm
-        return engine.skipped_steps == skipped_before and not bad  # overflow / non-finite: no update, no EMA
-
-    def _end_step(self, applied: bool, dt: float) -> bool:
-        """Close one optimizer step: EMA, metrics, probe, alarms, logs, checkpoint. True: leave the loop."""
-        t, n, rank = self.cfg.train, self.n, self.rank
-        n.step += 1
-        if applied:
-            self.objectives.on_optimizer_step(n.step, t.max_steps)
-            n.skipped_in_a_row = 0
-        else:
-            n.skipped, n.skipped_in_a_row = n.skipped + 1, n.skipped_in_a_row + 1
-        n.elapsed += dt
-        losses = D.mean_across_ranks(self.sums.means())
-        self.sums = _StepSums()
-        extra = {**losses, "lr": self.sched.get_last_lr()[0],
-                 "grad_norm": _grad_norm(self.engine) or self.local_norm,
-                 "update_to_weight": _update_to_weight(self.model, self.snapshot) if applied else 0.0,
-                 "skipped_steps": n.skipped}
-        extra = {k: v for k, v in extra.items() if v is not None}
-        metrics = self.monitor.end_step(n.step, extra)
-        if self.probe_crops is not None and n.step % self.cfg.monitor.probe_every == 0:
-            metrics.update(self.monitor.probe(self.model.encoder, self.probe_crops.to(self.device, self.dtype),
-                                              n.step))
-        events = self.monitor.check_alarms(n.step, {**extra, **metrics})
-        samples = t.micro_batch_size * t.grad_accum_steps * self.world
-        done = n.step / max(t.max_steps, 1)
-        self.last = {"step": n.step, "micro_step": n.micro_step, "epoch": self.sampler.epoch_of(n.micro_step - 1),
-                     **extra, **self.objectives.log_scalars(), **metrics, "samples_per_s": samples / max(dt, 1e-9),
-                     "time": n.elapsed, "eta_s": n.elapsed / done * (1 - done) if done else None}
-        if rank == 0:
-            self._log(events)
-        stop_events = [e for e in events if e.action in ("stop", "stop_keep_healthy")]
-        if D.broadcast_flag(bool(stop_events)):  # every rank leaves the loop together
-            self.stopped = True
-            _finish_stop(self.run_dir, stop_events, n.healthy, rank)
-            return True
-        if D.any_flag(self.stop.requested is not None):  # a signal on any rank stops every rank after this step
-            self.stop_signal = self.stop.requested or "a signal on another rank"
-        if (t.ckpt_every and n.step % t.ckpt_every == 0) or n.step == t.max_steps or self.stop_signal:
-            self.save(n.step, healthy=self.monitor.last_healthy_step == n.step)
-        return bool(self.stop_signal)
-
-    def _log(self, events) -> None:
-        self.metrics_out.write(self.last)
-        self.trackers.log_metrics(self.n.step, self.last)
-        if self.bar is not None:
-            _advance(self.bar, self.last)
-        for e in events:
-            _say(self.bar, f"ALARM [{e.action}] {e.message}")
-            self.trackers.log_alarm(e)
-
-    def _finish(self) -> RunResult:
-        """Close the outputs; a run that reached max_steps exports its encoder and plan."""
-        rank = self.rank
-        if self.bar is not None:
-            self.bar.close()
-        if rank == 0:
-            self.metrics_out.close()
-        if self.nonfinite_stop and rank == 0:
-            _say(None, self.nonfinite_stop)
-        finished = not (self.stopped or self.stop_signal or self.nonfinite_stop)
-        if finished:
-            export_encoder(self.model, self.run_dir / "encoder.safetensors", self.plan() if rank == 0 else None)
-            if rank == 0:
-                R.atomic_write_json(self.run_dir / "plan.json", self.plan())
-                self.trackers.log_artifact(self.run_dir / "encoder.safetensors")
-                self.trackers.log_artifact(self.run_dir / "plan.json")
-        if rank == 0:
-            self.trackers.close("KILLED" if self.stop_signal else "FINISHED" if finished else "FAILED")
-        D.barrier()
-        return RunResult(self.run_dir, self.n.step, self.stopped, self.stop_signal or None, self.nonfinite_stop,
-                         self.last)
+    return TaskProbe(load_probe_set(tp, cfg.data, cfg.model.spatial_dims, cfg.train.seed), tp, cfg.train.seed)
 
 
-def _nonfinite_message(step: int, why: str, run: R.RunDir, healthy: str | None) -> str:
-    """The one line a run stopped by a non-finite loss / gradient prints."""
-    last = R.newest_valid_checkpoint(run.checkpoints) if D.rank() == 0 else None
-    where = f"last finite checkpoint: {last}" if last else "no checkpoint was written yet"
-    return f"sslkit: stopped at step {step}: non-finite loss or gradient norm ({why}); {where}" + \
-        (f"; last healthy: checkpoints/{healthy}" if healthy else "")
+def _random_encoder(cfg: Config) -> nn.Module:
+    """A freshly initialised encoder of the run's architecture (seeded; the global random stream is not moved)."""
+    m = cfg.model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return build_encoder(m.name, spatial_dims=m.spatial_dims, in_channels=m.in_channels, **m.args)
 
 
-def _why_stop(mode: str, in_a_row: int, model: nn.Module) -> str | None:
-    """Why a non-finite step ends the run (None: skip it). Collective."""
-    if D.any_flag(_nonfinite_params(model)):
-        return "the weights themselves hold NaN / inf"
-    if mode == "stop":
-        return "train.nonfinite: stop"
-    return f"{in_a_row} non-finite steps in a row" if in_a_row >= R.MAX_SKIPPED_IN_A_ROW else None
+def _postfix(m: dict) -> dict:
+    post = {"loss": f"{m['loss']:.4f}", "samples/s": f"{m['samples_per_s']:.2f}", "lr": f"{m['lr']:.2e}"}
+    if "monitor/embedding_std" in m:
+        post["std"] = f"{m['monitor/embedding_std']:.2f}"
+    if "task_probe/dice_mean" in m:
+        post["probe_dice"] = f"{m['task_probe/dice_mean']:.3f}"
+    return post
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 class _nothing:
@@ -579,13 +589,11 @@ def _grad_norm(engine) -> float | None:
     return None if g is None else float(g)
 
 
-def _param_grad_norm(model: nn.Module) -> float | None:
-    """Pre-clipping L2 norm of the (already averaged) gradients held on the parameters: ZeRO 0/1.
-    None under ZeRO-2/3, whose gradients live in DeepSpeed's partitions."""
+def _param_grad_norm(model: nn.Module) -> torch.Tensor | None:
+    """Pre-clipping L2 norm of the (already averaged) gradients held on the parameters (ZeRO 0/1), a tensor on the
+    device. None under ZeRO-2/3, whose gradients live in DeepSpeed's partitions."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return None
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+    return _total_norm(grads) if grads else None
 
 
 def _split_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -623,27 +631,3 @@ def export_encoder(model: SSLModel, out: Path, plan: dict | None) -> None:
         write_weights(out, state, plan)
 
 
-# ------------------------------------------------------------------------------------------------ progress
-
-
-def _progress_bar(total: int, initial: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, desc="pretrain", unit="step", dynamic_ncols=True,
-                mininterval=1.0)
-
-
-def _say(bar, text: str) -> None:
-    """A line on stderr that does not tear the progress bar."""
-    if bar is not None:
-        bar.write(text, file=sys.stderr)
-    else:
-        print(text, file=sys.stderr, flush=True)
-
-
-def _advance(bar, m: dict) -> None:
-    post = {"loss": f"{m['loss']:.4f}", "samples/s": f"{m['samples_per_s']:.2f}", "lr": f"{m['lr']:.2e}"}
-    if "monitor/embedding_std" in m:
-        post["std"] = f"{m['monitor/embedding_std']:.2f}"
-    bar.set_postfix(post, refresh=False)
-    bar.update(m["step"] - bar.n)  # one refresh per step, showing this step's figures

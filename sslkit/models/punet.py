@@ -43,19 +43,16 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from torch import nn
 from timm.layers import trunc_normal_
 
-from sslkit.models.base import Encoder
+from sslkit.models.base import Encoder, checkpoint_if
+from sslkit.models.base import (channels_first as _channels_first, channels_last as _channels_last,
+                                conv_nd as _conv)
 from sslkit.models.registry import register_encoder, register_segmenter
 from sslkit.models.window_attention import init_transformer_weights, shifted_window_attention, to_tuple
 
 DEFAULT_CHANNELS = (32, 64, 128, 256, 384)
-
-
-def _conv(spatial_dims: int):
-    return {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
 
 
 def _bn(spatial_dims: int):
@@ -70,14 +67,6 @@ def _default_window(spatial_dims: int) -> tuple[int, ...]:
     return (8, 8) if spatial_dims == 2 else (4, 4, 4)
 
 
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    return x.movedim(1, -1)  # (B, C, *S) -> (B, *S, C)
-
-
-def _channels_first(x: torch.Tensor) -> torch.Tensor:
-    return x.movedim(-1, 1).contiguous()  # (B, *S, C) -> (B, C, *S)
-
-
 def as_class_tensor(classes, batch: int, num_classes: int, device) -> torch.Tensor:
     """None | list[int] | (I,) | (B, I) LongTensor -> (B, I) long on `device`; -1 = padding."""
     if classes is None:
@@ -87,7 +76,8 @@ def as_class_tensor(classes, batch: int, num_classes: int, device) -> torch.Tens
         t = t.unsqueeze(0).expand(batch, -1)
     if t.ndim != 2 or t.shape[0] != batch:
         raise ValueError(f"classes must be (I,) or (B={batch}, I), got shape {tuple(t.shape)}")
-    if t.numel() and int(t.max()) >= num_classes:
+    # a host read: checked in eager mode only (under torch.compile it would break the graph)
+    if t.numel() and not torch.compiler.is_compiling() and int(t.max()) >= num_classes:
         raise ValueError(f"class index {int(t.max())} is outside the prompt pool of {num_classes} classes")
     return t
 
@@ -219,9 +209,7 @@ class PSWinBlock(nn.Module):
         return _channels_first(x)
 
     def forward(self, x: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
-        if self.use_checkpoint and self.training:
-            return cp.checkpoint(self._run, x, classes, use_reentrant=False)
-        return self._run(x, classes)
+        return checkpoint_if(self.use_checkpoint and self.training, self._run, x, classes)
 
 
 class ResidualStem(nn.Module):

@@ -27,30 +27,17 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-import torch.utils.checkpoint as cp
 from torch import nn
 from timm.layers import DropPath, Mlp
 
-from sslkit.models.base import Encoder
+from sslkit.models.base import Encoder, checkpoint_if
+from sslkit.models.base import (channels_first as _channels_first, channels_last as _channels_last,
+                                conv_nd as _conv)
 from sslkit.models.registry import register_encoder, register_segmenter
-from sslkit.models.window_attention import (WindowAttention, init_transformer_weights, shifted_window_attention,
-                                            to_tuple)
+from sslkit.models.window_attention import (WindowAttention, init_transformer_weights, set_attention_backend,
+                                            shifted_window_attention, to_tuple)
 
 VARIANTS = {"tiny": 48, "small": 72, "base": 96}
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    # (B, C, *S) -> (B, *S, C)
-    return x.movedim(1, -1)
-
-
-def _channels_first(x: torch.Tensor) -> torch.Tensor:
-    # (B, *S, C) -> (B, C, *S)
-    return x.movedim(-1, 1).contiguous()
-
-
-def _conv(spatial_dims: int):
-    return {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
 
 
 def _linspace(end: float, n: int) -> list[float]:
@@ -195,9 +182,7 @@ class _Stage(nn.Module):
     use_checkpoint: bool = False
 
     def _run(self, fn, *args):
-        if self.use_checkpoint and torch.is_grad_enabled():
-            return cp.checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        return checkpoint_if(self.use_checkpoint, fn, *args)
 
 
 class EncoderStage(_Stage):
@@ -414,21 +399,27 @@ def _ablation(spatial_dims: int, ablation_a: bool, cross_attention: bool) -> tup
 @register_encoder("qt_unet")
 def qt_unet_encoder(variant: str = "tiny", spatial_dims: int = 3, in_channels: int = 1, ablation_a: bool = False,
                     window_size: int | Sequence[int] = 7, drop_path_rate: float = 0.0,
-                    use_checkpoint: bool = False) -> QTUNetEncoder:
+                    use_checkpoint: bool = False, attention: str = "sdpa") -> QTUNetEncoder:
     """QT-UNet encoder; `variant` tiny / small / base (C = 48 / 72 / 96); `ablation_a` in 3D: H/W-only merging
-    (in 2D "-A" only changes the decoder, so the encoder is unchanged)."""
+    (in 2D "-A" only changes the decoder, so the encoder is unchanged); `attention` sdpa | flex (FlexAttention;
+    training needs CUDA)."""
     merge_depth, _ = _ablation(spatial_dims, ablation_a, True)
-    return QTUNetEncoder(spatial_dims, in_channels, _variant_dim(variant), window_size=window_size,
-                         merge_depth=merge_depth, drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint)
+    enc = QTUNetEncoder(spatial_dims, in_channels, _variant_dim(variant), window_size=window_size,
+                        merge_depth=merge_depth, drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint)
+    set_attention_backend(enc, attention)
+    return enc
 
 
 @register_segmenter("qt_unet")
 def qt_unet(variant: str = "tiny", spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2,
             ablation_a: bool = False, cross_attention: bool = True, window_size: int | Sequence[int] = 7,
-            drop_path_rate: float = 0.0, use_checkpoint: bool = False) -> QTUNet:
+            drop_path_rate: float = 0.0, use_checkpoint: bool = False, attention: str = "sdpa") -> QTUNet:
     """QT-UNet / QT-UNet-2D segmentation model. `ablation_a`: "-A" variant (3D: H/W-only merging and expanding;
-    2D: no cross-attention). `cross_attention=False` turns cross-attention off in 3D as well."""
+    2D: no cross-attention). `cross_attention=False` turns cross-attention off in 3D as well. `attention` as for
+    the encoder."""
     merge_depth, cross = _ablation(spatial_dims, ablation_a, cross_attention)
-    return QTUNet(spatial_dims, in_channels, out_channels, _variant_dim(variant), window_size=window_size,
-                  merge_depth=merge_depth, cross_attention=cross, drop_path_rate=drop_path_rate,
-                  use_checkpoint=use_checkpoint)
+    model = QTUNet(spatial_dims, in_channels, out_channels, _variant_dim(variant), window_size=window_size,
+                   merge_depth=merge_depth, cross_attention=cross, drop_path_rate=drop_path_rate,
+                   use_checkpoint=use_checkpoint)
+    set_attention_backend(model, attention)
+    return model

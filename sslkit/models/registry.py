@@ -11,9 +11,6 @@ from sslkit.errors import ConfigError, closest
 _ENCODERS: dict[str, Callable] = {}
 _SEGMENTERS: dict[str, Callable] = {}
 _FROM_ENCODER: dict[str, Callable] = {}  # encoder name -> fn(name, args) -> (segmenter name, segmenter args)
-# Modules imported lazily on first lookup so that `import sslkit` stays light.
-_MODULES = ("sslkit.models.swin_unetr", "sslkit.models.qt_unet", "sslkit.models.punet", "sslkit.models.sam",
-            "sslkit.models.sam_heads", "sslkit.models.vit")
 
 
 def register_encoder(name: str):
@@ -57,12 +54,14 @@ def segmenter_for_encoder(name: str, args: dict) -> tuple[str, dict]:
 
 
 def _load_all() -> None:
-    for mod in _MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # an architecture not written yet
-            if e.name != mod:
-                raise
+    """Import every module of sslkit.models once (on the first lookup, so that `import sslkit` stays light): each
+    registers its builders as it is imported, so a new architecture needs no list kept here."""
+    import pkgutil
+    import sys
+
+    package = sys.modules[__package__]  # sslkit.models, imported before any of its modules
+    for info in pkgutil.iter_modules(package.__path__, __package__ + "."):
+        importlib.import_module(info.name)
 
 
 def _build(table: dict, kind: str, name: str, key: str, **kwargs):
@@ -82,14 +81,29 @@ def _build(table: dict, kind: str, name: str, key: str, **kwargs):
     return fn(**kwargs)
 
 
-def build_encoder(name: str, **kwargs):
-    """Build a registered Encoder, e.g. build_encoder('swin_unetr', spatial_dims=3, in_channels=1)."""
-    return _build(_ENCODERS, "encoder", name, "model.name", **kwargs)
+def build_encoder(name: str, activation_checkpointing: bool = False, **kwargs):
+    """Build a registered Encoder, e.g. build_encoder('swin_unetr', spatial_dims=3, in_channels=1).
+    `activation_checkpointing` (model.activation_checkpointing): recompute each block's activations in the
+    backward pass (every family supports it; see sslkit.models.base.set_activation_checkpointing)."""
+    return _checkpointed(_build(_ENCODERS, "encoder", name, "model.name", **kwargs), activation_checkpointing)
 
 
-def build_segmenter(name: str, **kwargs):
-    """Build a registered segmentation model (encoder + decoder); its `.encoder` is an Encoder."""
-    return _build(_SEGMENTERS, "segmentation model", name, "model.name", **kwargs)
+def build_segmenter(name: str, activation_checkpointing: bool = False, **kwargs):
+    """Build a registered segmentation model (encoder + decoder); its `.encoder` is an Encoder.
+    `activation_checkpointing` as for build_encoder (the decoder's blocks too, where it has any)."""
+    return _checkpointed(_build(_SEGMENTERS, "segmentation model", name, "model.name", **kwargs),
+                         activation_checkpointing)
+
+
+def _checkpointed(model, enabled: bool):
+    if enabled:
+        from sslkit.models.base import set_activation_checkpointing
+
+        try:
+            set_activation_checkpointing(model, True)
+        except ValueError as e:
+            raise ConfigError(f"model.activation_checkpointing: {e}") from None
+    return model
 
 
 def encoder_names() -> list[str]:

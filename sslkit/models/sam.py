@@ -37,7 +37,7 @@ from timm.models.vision_transformer_sam import Attention, window_partition, wind
 from torch import nn
 
 from sslkit.errors import ConfigError
-from sslkit.models.base import Encoder
+from sslkit.models.base import Encoder, checkpoint_if
 from sslkit.models.registry import register_encoder
 
 SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -112,6 +112,7 @@ class SAMBlock(nn.Module):
         self.mlp_adapter: nn.Module | None = None
         self.depth_adapter: nn.Module | None = None
         self.mlp_scale = 0.5
+        self.use_checkpoint = False  # activation checkpointing of the whole block (set_activation_checkpointing)
 
     def _space_attention(self, xn: torch.Tensor) -> torch.Tensor:
         h, w = xn.shape[1:3]
@@ -258,7 +259,7 @@ class SAMImageEncoder(Encoder):
     def _blocks(self, t: torch.Tensor, num_slices: int | None = None) -> list[torch.Tensor]:
         outs = []
         for i, blk in enumerate(self.blocks):
-            t = blk(t, num_slices)
+            t = checkpoint_if(blk.use_checkpoint, blk, t, num_slices)
             if i in self.out_indices:
                 outs.append(t.permute(0, 3, 1, 2))  # (B, H, W, D) -> (B, D, H, W)
         outs.append(self.neck(t.permute(0, 3, 1, 2)))  # (B, 256, H, W)
@@ -276,7 +277,7 @@ class SAMImageEncoder(Encoder):
         hw = torch.stack([positions // grid[1], positions % grid[1]], -1)  # (B, N_vis, 2)
         t = tokens + pos.to(tokens.dtype)
         for blk in self.blocks:
-            t = blk.forward_sparse(t, hw, grid)
+            t = checkpoint_if(blk.use_checkpoint, blk.forward_sparse, t, hw, grid)
         return t
 
     def forward_volume(self, x: torch.Tensor) -> list[torch.Tensor]:

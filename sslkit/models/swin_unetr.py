@@ -2,10 +2,15 @@
 
 The encoder keeps MONAI's attribute name `swinViT`, so an exported encoder state dict loads into
 `monai.networks.nets.SwinUNETR` (`model.load_state_dict(sd, strict=False)`) without renaming keys.
+
+Window attention runs through sslkit's `attend_windows` (SDPA, or FlexAttention with `attention: flex`) in
+training as well: MONAI's own `use_flash_attention` takes SDPA only when autograd is off. Same parameters, same
+buffers, same relative bias and shift mask (MONAI's -100 fill) as MONAI's explicit softmax.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -13,10 +18,42 @@ from torch import nn
 
 from sslkit.models.base import Encoder
 from sslkit.models.registry import register_encoder, register_segmenter
+from sslkit.models.window_attention import attend_windows, set_attention_backend, to_tuple
 
 
-def _ensure_seq(v, n: int) -> tuple[int, ...]:
-    return tuple(v) if isinstance(v, (list, tuple)) else (int(v),) * n
+@functools.cache
+def _fused_window_attention_class() -> type:
+    """A subclass of MONAI's WindowAttention whose forward goes through attend_windows (built on first use, so
+    that importing this module does not import MONAI)."""
+    from monai.networks.nets.swin_unetr import WindowAttention as MonaiWindowAttention
+
+    class FusedWindowAttention(MonaiWindowAttention):
+        attention_backend = "sdpa"
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+            b, n, c = x.shape  # (B_, N, C) windowed tokens; mask (nW, N, N) or None
+            h = self.num_heads
+            q, k, v = self.qkv(x).view(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, h, N, d)
+            idx = self.relative_position_index[:n, :n].reshape(-1)  # MONAI's indexing, clipped windows included
+            bias = self.relative_position_bias_table[idx].view(n, n, h).permute(2, 0, 1)  # (h, N, N)
+            out = attend_windows(q, k, v, bias, mask, self.scale, self.attn_drop.p if self.training else 0.0,
+                                 self.attention_backend)
+            return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+
+    return FusedWindowAttention
+
+
+def fuse_window_attention(swin: nn.Module, backend: str = "sdpa") -> nn.Module:
+    """Run every MONAI WindowAttention inside `swin` through attend_windows (in place: the class changes, the
+    parameters and buffers stay). Returns `swin`."""
+    from monai.networks.nets.swin_unetr import WindowAttention as MonaiWindowAttention
+
+    fused = _fused_window_attention_class()
+    for m in swin.modules():
+        if isinstance(m, MonaiWindowAttention):
+            m.__class__ = fused
+    set_attention_backend(swin, backend)
+    return swin
 
 
 class SwinUNETREncoder(Encoder):
@@ -38,6 +75,7 @@ class SwinUNETREncoder(Encoder):
         drop_path_rate: float = 0.0,
         use_checkpoint: bool = False,
         use_v2: bool = False,
+        attention: str = "sdpa",
     ):
         super().__init__()
         from monai.networks.nets.swin_unetr import SwinTransformer
@@ -50,8 +88,8 @@ class SwinUNETREncoder(Encoder):
         self.swinViT = SwinTransformer(
             in_chans=in_channels,
             embed_dim=feature_size,
-            window_size=_ensure_seq(window_size, spatial_dims),
-            patch_size=_ensure_seq(patch_size, spatial_dims),
+            window_size=to_tuple(window_size, spatial_dims),
+            patch_size=to_tuple(patch_size, spatial_dims),
             depths=list(depths),
             num_heads=list(num_heads),
             drop_path_rate=drop_path_rate,
@@ -59,6 +97,7 @@ class SwinUNETREncoder(Encoder):
             spatial_dims=spatial_dims,
             use_v2=use_v2,
         )
+        fuse_window_attention(self.swinViT, attention)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C_in, *S) -> (B, C, *S/patch)
@@ -80,9 +119,12 @@ class SwinUNETREncoder(Encoder):
 def swin_unetr_encoder(spatial_dims: int = 3, in_channels: int = 1, feature_size: int = 48,
                        depths: Sequence[int] = (2, 2, 2, 2), num_heads: Sequence[int] = (3, 6, 12, 24),
                        window_size: int | Sequence[int] = 7, drop_path_rate: float = 0.0,
-                       use_checkpoint: bool = False, use_v2: bool = False) -> SwinUNETREncoder:
+                       use_checkpoint: bool = False, use_v2: bool = False,
+                       attention: str = "sdpa") -> SwinUNETREncoder:
+    """`attention`: sdpa | flex (FlexAttention; training needs CUDA)."""
     return SwinUNETREncoder(spatial_dims, in_channels, feature_size, depths, num_heads, window_size,
-                            drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint, use_v2=use_v2)
+                            drop_path_rate=drop_path_rate, use_checkpoint=use_checkpoint, use_v2=use_v2,
+                            attention=attention)
 
 
 class SwinUNETRSegmenter(nn.Module):
@@ -103,7 +145,8 @@ def swin_unetr_segmenter(spatial_dims: int = 3, in_channels: int = 1, out_channe
                          feature_size: int = 48, depths: Sequence[int] = (2, 2, 2, 2),
                          num_heads: Sequence[int] = (3, 6, 12, 24), window_size: int | Sequence[int] = 7,
                          drop_path_rate: float = 0.0, use_checkpoint: bool = False,
-                         use_v2: bool = False, norm_name: str = "instance") -> SwinUNETRSegmenter:
+                         use_v2: bool = False, norm_name: str = "instance",
+                         attention: str = "sdpa") -> SwinUNETRSegmenter:
     """MONAI's SwinUNETR. `norm_name` is its decoder's normalisation: "instance" (MONAI's default) needs crops of
     >= 64 voxels per axis at train time (the 32x-downsampled bottleneck must hold more than one voxel); "batch"
     also trains on 32^3 crops when a step holds >= 2 of them."""
@@ -113,6 +156,7 @@ def swin_unetr_segmenter(spatial_dims: int = 3, in_channels: int = 1, out_channe
                     depths=list(depths), num_heads=list(num_heads), window_size=window_size,
                     dropout_path_rate=drop_path_rate, use_checkpoint=use_checkpoint,
                     spatial_dims=spatial_dims, use_v2=use_v2, norm_name=norm_name)
+    fuse_window_attention(net.swinViT, attention)
     enc = SwinUNETREncoder(spatial_dims, in_channels, feature_size, depths, num_heads, window_size,
-                           use_v2=use_v2)
+                           use_v2=use_v2, attention=attention)
     return SwinUNETRSegmenter(net, enc)

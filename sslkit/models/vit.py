@@ -13,7 +13,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from sslkit.models.base import Encoder
+from sslkit.models.base import Encoder, checkpoint_if
 from sslkit.models.registry import register_encoder
 
 
@@ -72,6 +72,7 @@ class ViTEncoder(Encoder):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i]) for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim)
         self._pos_cache: dict = {}
+        self.use_checkpoint = False  # activation checkpointing per block (set_activation_checkpointing)
 
     def pos_embed(self, grid: Sequence[int], device, dtype) -> torch.Tensor:
         key = (tuple(grid), str(device), dtype)
@@ -87,7 +88,7 @@ class ViTEncoder(Encoder):
         outs = []
         last = max(keep)
         for i, blk in enumerate(self.blocks):
-            t = blk(t)
+            t = checkpoint_if(self.use_checkpoint, blk, t)
             if i in keep:
                 outs.append(self.norm(t) if i == last else t)
             if i == last:

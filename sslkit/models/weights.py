@@ -569,6 +569,15 @@ def _health_lines(health: dict | None) -> list[str]:
     return ["| figure | value |", "|---|---|", *rows]
 
 
+def _probe_lines(probe: dict) -> list[str]:
+    """The plan's task-probe record (sslkit.monitor.task_probe.probe_record) as a table."""
+    rows = [("last", probe.get("last")), ("best", probe.get("best"))]
+    lines = ["| probe | step | mean Dice |", "|---|---|---|"]
+    lines += [f"| {name} | {r['step']} | {r['dice_mean']:.4f} |" for name, r in rows if r]
+    lines += [f"| reference: {name} | 0 | {v:.4f} |" for name, v in probe.get("references", {}).items()]
+    return lines
+
+
 def model_card(plan: dict, health: dict | None = None) -> str:
     """README.md for a Hugging Face folder: what the encoder is, the recipe / corpus / steps it came from (the plan's
     "recipe", "corpus", "source"), its input (the plan), the monitor's last health figures, and how to load it."""
@@ -582,7 +591,10 @@ def model_card(plan: dict, health: dict | None = None) -> str:
            "`model.safetensors` holds the encoder's state dict with this plan in its metadata (`sslkit.plan`); "
            "`config.json` is the same plan."]
     sections = [("Training", _training_lines(plan)), ("Input (the plan)", _input_lines(plan)),
-                ("Health at export (collapse monitor)", _health_lines(health)), ("Use", use)]
+                ("Health at export (collapse monitor)", _health_lines(health))]
+    if plan.get("task_probe"):
+        sections.append(("Task probe (voxel classifier on frozen features)", _probe_lines(plan["task_probe"])))
+    sections.append(("Use", use))
     lines = header
     for title, body in sections:
         lines += ["", f"## {title}", "", *body]

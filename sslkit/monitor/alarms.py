@@ -132,13 +132,20 @@ def lookup_metric(name: str, metrics: dict) -> tuple[str, float] | None:
     return None
 
 
+def crossed(below, above, value: float) -> tuple[str, float] | None:
+    """('below'|'above', threshold) that `value` is past, else None: the one rule for an alarm's thresholds,
+    shared by the alarms and the dashboard (thresholds that are not numbers are ignored; NaN crosses nothing)."""
+    lo, hi = as_number(below), as_number(above)
+    if lo is not None and value < lo:
+        return "below", lo
+    if hi is not None and value > hi:
+        return "above", hi
+    return None
+
+
 def violated_threshold(rule: AlarmConfig, value: float) -> tuple[str, float] | None:
     """('below'|'above', threshold) that `value` violates under `rule`, else None. NaN violates nothing."""
-    if rule.below is not None and value < rule.below:
-        return "below", rule.below
-    if rule.above is not None and value > rule.above:
-        return "above", rule.above
-    return None
+    return crossed(rule.below, rule.above, value)
 
 
 def nonfinite_losses(metrics: dict) -> dict[str, float]:

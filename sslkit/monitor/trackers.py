@@ -146,18 +146,10 @@ def mlflow_key(name: str) -> str:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write JSON to a temporary file in the same folder, flushed to disk, then rename it over `path`."""
+    from sslkit.run import atomic_write_json
+
+    atomic_write_json(path, obj, indent=2, fsync=True)
 
 
 def read_tracker_state(run_dir: Path) -> dict:
