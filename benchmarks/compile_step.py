@@ -176,7 +176,10 @@ def warm_compile(a, cache: Path) -> dict:
     """A second process on the cache the first filled: its compiled row's first step and steady steps."""
     cmd = [sys.executable, __file__, "--warm-probe", "--recipe", a.recipe, "--threads", str(a.threads),
            "--cache-dir", str(cache)] + (["--demo-dir", a.demo_dir] if a.demo_dir else [])
-    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
+    # the child is a process group of its own: not this one's rendezvous (its MASTER_PORT is taken by us)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                                                             "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**env, "TORCHINDUCTOR_CACHE_DIR": str(cache)})
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("WARM ")]
     if res.returncode or not lines:
         return {"error": (res.stderr or res.stdout)[-2000:]}

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from sslkit.errors import UserError, user_error_in
+from sslkit.errors import UserError, disk_full_in, user_error_in
 
 
 def _add_pretrain(sub) -> None:
@@ -491,20 +491,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sslkit: error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - two kinds become one line, everything else is re-raised
-        # MONAI wraps a transform's exception (e.g. a DataError) in RuntimeError; a full disk reaches us as
-        # OSError(ENOSPC), or as safetensors' / torch's own errors that only name it in their message
-        import errno
-
+        # MONAI wraps a transform's exception (e.g. a DataError) in RuntimeError
         user = user_error_in(e)
         if user is not None:
             print(f"sslkit: error: {user}", file=sys.stderr)
             return 2
-        chain, inner = [], e
-        while inner is not None and len(chain) < 8:
-            chain.append(inner)
-            inner = inner.__cause__ or inner.__context__
-        full = next((x for x in chain if (isinstance(x, OSError) and x.errno == errno.ENOSPC)
-                     or "No space left on device" in str(x) or "os error 28" in str(x)), None)
+        full = disk_full_in(e)
         if full is None:
             raise
         where = getattr(full, "filename", None) or Path.cwd()

@@ -252,6 +252,8 @@ def _coerce(value: Any, tp, key: str):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads `off` / `on` as booleans (train.compile: off)
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
@@ -379,6 +381,8 @@ def check_shared(train: TrainConfig, optim: OptimConfig, data: PreprocessConfig,
 def _check_values(cfg: Config) -> None:
     t = cfg.train
     check_shared(t, cfg.optim, cfg.data, cfg.model, cfg.logging, scan_dims=3)
+    if "use_checkpoint" in cfg.model.args:  # one switch for every family, not each builder's own
+        raise ConfigError("model.args.use_checkpoint: set model.activation_checkpointing: true instead")
     check_choice("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
     if cfg.monitor.every < 1:
         raise ConfigError(f"monitor.every: must be at least 1, got {cfg.monitor.every}")
@@ -386,10 +390,6 @@ def _check_values(cfg: Config) -> None:
         if getattr(t, name) < 1:
             raise ConfigError(f"train.{name}: must be at least 1, got {getattr(t, name)}")
     check_choice("data.views.strength", cfg.data.views.strength, ("basic", "strong"))
-    for i, o in enumerate(cfg.objectives):
-        if o["name"] == "prompt_segmentation" and o.get("label_key", "label") == "label" and not cfg.data.with_labels:
-            raise ConfigError(f"objectives[{i}]: prompt_segmentation needs labelled crops; set data.with_labels: true "
-                              f"(and a datalist whose entries carry 'label')")
     for i, a in enumerate(cfg.monitor.alarms):
         check_choice(f"monitor.alarms[{i}].action", a.action, ("warn", "stop", "stop_keep_healthy"))
     _check_task_probe(cfg.monitor.task_probe, cfg.model.spatial_dims)

@@ -27,11 +27,24 @@ def closest(name: str, options) -> str | None:
     return starts[0] if starts else None
 
 
+def exception_chain(error: BaseException | None, depth: int = 8) -> list[BaseException]:
+    """error, its cause (or context), that one's, ... (at most `depth`)."""
+    chain = []
+    while error is not None and len(chain) < depth:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 def user_error_in(error: BaseException, depth: int = 8) -> "UserError | None":
     """The UserError inside an exception chain (MONAI wraps a transform's DataError in RuntimeError), or None."""
-    seen = error
-    while seen is not None and depth:
-        if isinstance(seen, UserError):
-            return seen
-        seen, depth = seen.__cause__ or seen.__context__, depth - 1
-    return None
+    return next((e for e in exception_chain(error, depth) if isinstance(e, UserError)), None)
+
+
+def disk_full_in(error: BaseException | None) -> BaseException | None:
+    """The exception of the chain that says the disk is full, however the writer says it: OSError(ENOSPC), or
+    safetensors' / torch's own errors that only name it in their message; None when none does."""
+    import errno
+
+    return next((e for e in exception_chain(error) if (isinstance(e, OSError) and e.errno == errno.ENOSPC)
+                 or "No space left on device" in str(e) or "os error 28" in str(e)), None)

@@ -309,3 +309,15 @@ def tiny_encoder(family: str):
 
 
 ENCODER_FAMILIES = ("swin_unetr_3d", "qt_unet_3d", "qt_unet_2d", "punet_3d", "sam_vit", "vit_3d")
+
+
+# Modules that take longest (measured with --durations on 2 cores), started first: pytest-xdist's loadscope hands
+# out modules in collection order, so a long module collected last would run alone on one core at the end.
+LONGEST_FIRST = ("test_demo_recipes_health", "test_punet_prompt", "test_dino_ibot", "test_sam_downstream",
+                 "test_faults", "test_multinode", "test_engine_runs", "test_downstream", "test_prepare", "test_study",
+                 "test_task_probe_run", "test_punet_pretrain_modes", "test_bundle", "test_compile", "test_voco")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))  # stable: order within a module

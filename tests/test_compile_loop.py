@@ -51,6 +51,30 @@ def test_compiled_pretraining_step_follows_eager(demo_dir, scan_cache, tmp_path,
     assert max_abs_diff(s0, s1) < 1e-4 and max_abs_diff(t0, t1) < 1e-4
 
 
+def test_compiled_finetuning_step_follows_eager(tmp_path, monkeypatch, one_thread):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from sslkit.downstream.train import finetune
+    from sslkit.engine import compile as compile_mod
+    from test_downstream import _tiny_cfg
+
+    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    losses = {}
+    for mode in ("off", "default"):
+        raw = _tiny_cfg(tmp_path)
+        raw["train"].update({"max_steps": STEPS, "val_every": STEPS, "val_cases": 1, "threads": 1, "compile": mode})
+        torch._dynamo.reset()
+        counters.clear()
+        finetune(raw, tmp_path / mode, progress=False)
+        assert (counters["stats"]["unique_graphs"] > 0) == (mode == "default")
+        losses[mode] = [r["loss"] for r in map(json.loads, (tmp_path / mode / "metrics.jsonl").read_text().splitlines())
+                        if "loss" in r]
+    assert len(losses["off"]) == STEPS
+    torch.testing.assert_close(losses["default"], losses["off"], rtol=1e-4, atol=0.0)
+
+
 def test_compile_mode_and_persistent_caches(monkeypatch, tmp_path):
     from sslkit.engine import compile as compile_mod
     from sslkit.engine.compile import compile_mode, use_persistent_caches

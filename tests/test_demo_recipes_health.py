@@ -22,7 +22,7 @@ def test_demo_recipe_reaches_its_first_probe_without_an_alarm(demo_dir, tmp_path
     run, path = tmp_path / "run", REPO / "pretrain_configs" / f"{recipe}.yaml"
     # the task probe does not change the trajectory (tests/test_task_probe_run.py): left out here, as it costs time
     sets = [f"data.datalist={demo_dir / 'datalist.json'}", f"data.cache_dir={tmp_path / 'store'}",
-            f"train.max_steps={FIRST_PROBE}", "train.threads=2", "monitor.task_probe.datalist=null"]
+            f"train.max_steps={FIRST_PROBE}", "train.threads=1", "monitor.task_probe.datalist=null"]
     res = run_cli("pretrain", "--cfg", str(path), "--run-dir", str(run), "--no-progress",
                   *[a for s in sets for a in ("--set", s)], timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -109,3 +109,21 @@ def test_transfer_keys_refused_where_they_cannot_apply():
         _cfg(adapt={"warmup_frozen_steps": 15})
     with pytest.raises(ConfigError, match="one_cycle"):
         _cfg(adapt={"warmup_frozen_steps": 2}, optim={"schedule": "one_cycle"})
+
+
+def test_transfer_default_from_a_plan_where_the_recipe_is_silent():
+    from sslkit.config import Config
+    from sslkit.downstream.from_plan import TRANSFER_DEFAULTS, recipe_from_plan
+    from sslkit.plan import make_plan, preprocessing_plan
+
+    plan = make_plan("swin_unetr", {"feature_size": 12}, preprocessing_plan(Config().data, 3, 1, False), [12, 24],
+                     [[2, 2, 2], [4, 4, 4]])
+    (key, value), = TRANSFER_DEFAULTS
+    assert key == "adapt.encoder_lr_scale" and value == 0.1
+    raw, _ = recipe_from_plan({"data": {"modality": "mri"}}, plan)
+    assert raw["adapt"]["encoder_lr_scale"] == 0.1
+    raw, _ = recipe_from_plan({"adapt": {"encoder_lr_scale": 1.0}}, plan)   # the recipe's own value stays
+    assert raw["adapt"]["encoder_lr_scale"] == 1.0
+    raw, _ = recipe_from_plan({"adapt": {"mode": "frozen_encoder"}}, plan)  # no encoder lr to scale
+    assert "encoder_lr_scale" not in raw["adapt"]
+    assert recipe_from_plan({}, None)[0] == {}                              # no plan, no transfer default

@@ -66,7 +66,8 @@ class DownstreamDataConfig(PreprocessConfig):
 class AdaptConfig:
     mode: str = "full"                 # full | frozen_encoder | adapter (SAM) | prompt (PUNet); see
                                        # sslkit.downstream.adapt
-    encoder_lr_scale: float = 1.0      # full mode: encoder lr = lr * scale
+    encoder_lr_scale: float = 1.0      # full mode: encoder lr = lr * scale (0.1 by default from an encoder's plan:
+                                       # sslkit.downstream.from_plan.TRANSFER_DEFAULTS)
     warmup_frozen_steps: int = 0       # full mode: N > 0 trains the decoder / head alone for N steps (encoder
                                        # frozen, their lr warming up linearly), then the whole model with a linear
                                        # lr warm-up over N more steps (nnssl's pretrained fine-tuning)

@@ -36,6 +36,10 @@ def _set(raw: dict, key: str, value) -> None:
 
 _MISSING = object()
 
+# Transfer defaults: what a fine-tune from a plan (`--encoder`, and `--scratch` with it, so both arms train alike)
+# uses where the recipe is silent; chosen from the demo study's schedule comparison (docs/study.md)
+TRANSFER_DEFAULTS = (("adapt.encoder_lr_scale", 0.1),)
+
 
 def _same(a, b) -> bool:
     """Equal as JSON values, numbers within 1e-6 (a recipe's 2 is the plan's 2.0; tuples are lists)."""
@@ -70,8 +74,9 @@ def plan_expectations(plan: dict, modality: str) -> list[tuple[str, object]]:
 
 
 def recipe_from_plan(raw: dict, plan: dict | None) -> tuple[dict, list[tuple[str, object, object]]]:
-    """(recipe, differences): keys the recipe leaves out are taken from the plan (the crop size too); keys it
-    sets to another value stay as the recipe says and are listed as (key, encoder value, recipe value)."""
+    """(recipe, differences): keys the recipe leaves out are taken from the plan (the crop size too) and, for a full
+    fine-tune, from TRANSFER_DEFAULTS; keys it sets to another value stay as the recipe says and are listed as
+    (key, encoder value, recipe value)."""
     if plan is None:
         return raw, []
     raw = json.loads(json.dumps(raw))
@@ -93,6 +98,10 @@ def recipe_from_plan(raw: dict, plan: dict | None) -> tuple[dict, list[tuple[str
         _set(raw, "data.roi", plan["crop_size"])
     if "data.modality" not in [d[0] for d in diffs] and _get(raw, "data.modality") is _MISSING:
         _set(raw, "data.modality", modality)
+    if _get(raw, "adapt.mode") in (_MISSING, "full"):
+        for key, value in TRANSFER_DEFAULTS:
+            if _get(raw, key) is _MISSING:
+                _set(raw, key, value)
     return raw, diffs
 
 

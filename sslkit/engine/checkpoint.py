@@ -154,18 +154,12 @@ def _raise_write_error(error: BaseException | None, tmp: Path, free_at_failure: 
     Disk full is recognised however the writer reports it: OSError(ENOSPC); safetensors' "No space left on device
     (os error 28)"; torch.save's stream errors ("unexpected pos", "file write failed") that carry no errno, taken
     as disk full when under 64 MiB were free as the write failed."""
-    import errno
     import shutil
 
-    from sslkit.errors import UserError
+    from sslkit.errors import UserError, disk_full_in
 
     nearly_full = 64 << 20
-    chain, e = [], error
-    while e is not None and len(chain) < 8:
-        chain.append(e)
-        e = e.__cause__ or e.__context__
-    full = any((isinstance(x, OSError) and x.errno == errno.ENOSPC) or "No space left on device" in str(x)
-               or "os error 28" in str(x) for x in chain)
+    full = disk_full_in(error) is not None
     full = full or (isinstance(error, Exception) and not isinstance(error, UserError) and free_at_failure is not None
                     and free_at_failure < nearly_full)
     if full:

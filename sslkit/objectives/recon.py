@@ -7,24 +7,15 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
-
-_AXES = "dhw"
 
 
 def voxel_shuffle(x: torch.Tensor, r: int) -> torch.Tensor:
-    """Pixel shuffle for any spatial rank: (B, C * r^d, *S) -> (B, C, *(S * r)).
+    """Pixel shuffle for any spatial rank, MONAI's: (B, C * r^d, *S) -> (B, C, *(S * r)), channel order
+    (c, r_1, ..., r_d) as torch.nn.functional.pixel_shuffle in 2D."""
+    from monai.networks.utils import pixelshuffle
 
-    Channel order is (c, r_1, ..., r_d), as torch.nn.functional.pixel_shuffle in 2D (equal to it there).
-        y = voxel_shuffle(torch.randn(2, 8 * 1, 4, 4, 4), 2)  # (2, 1, 8, 8, 8)
-    """
-    d = x.dim() - 2
-    ax = _AXES[3 - d:]
-    rs = " ".join(f"r{i}" for i in range(d))
-    src = f"b (c {rs}) " + " ".join(ax)
-    dst = "b c " + " ".join(f"({a} r{i})" for i, a in enumerate(ax))
-    return rearrange(x, f"{src} -> {dst}", **{f"r{i}": r for i in range(d)})
+    return pixelshuffle(x, x.dim() - 2, r)
 
 
 def stage_stride(encoder: nn.Module, stage: int = -1) -> int:
