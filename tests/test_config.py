@@ -77,9 +77,15 @@ def _recipes():
 
 @pytest.mark.parametrize("recipe", _recipes(), ids=lambda p: p.stem)
 def test_every_recipe_loads_and_demo_recipes_build(recipe):
-    """Every recipe passes the schema; the CPU demo twins also build their encoder and objectives."""
+    """Every recipe passes the schema and the start-up checks (meta weights, each objective's check_config); the CPU
+    demo twins also build their encoder and objectives."""
+    import torch
+
+    from sslkit.engine.trainer import check_buildable
+
     cfg = load_config(recipe)
     assert cfg.monitor.enabled and cfg.objectives
+    check_buildable(cfg, torch.device("cpu"))
     if recipe.stem.startswith("demo_"):
         from sslkit.engine.trainer import build_model
 

@@ -137,8 +137,10 @@ def test_joint_recipe_and_label_check():
     assert [(o["name"], o["weight"]) for o in cfg.objectives] == [("prompt_segmentation", 1.0), ("cpa", 0.01)]
     full = load_config(REPO / "pretrain_configs" / "punet_joint.yaml")
     assert full.data.with_labels and [o["name"] for o in full.objectives] == ["prompt_segmentation", "cpa"]
-    with pytest.raises(ConfigError, match="data.with_labels"):
-        load_config(RECIPE, ["data.with_labels=false"])
+    from sslkit.engine.trainer import check_buildable
+
+    with pytest.raises(ConfigError, match="data.with_labels"):  # the objective's own check, before any scan is read
+        check_buildable(load_config(RECIPE, ["data.with_labels=false"]), torch.device("cpu"))
 
 
 def _run(tmp_path: Path, name: str, datalist: Path, cache: Path, steps: int, *sets: str) -> list[dict]:

@@ -87,6 +87,7 @@ def check_buildable(cfg: Config, device: torch.device) -> None:
             model = build_model(cfg)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model / objectives: {str(e).splitlines()[0]}") from None
+    model.objectives.check_config(cfg)  # each objective against the rest of the recipe (its labels, crops, model)
     norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
     if t.micro_batch_size < 2:
         for i, obj in enumerate(model.objectives.objectives):
