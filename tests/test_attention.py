@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_encoder
 from sslkit.errors import ConfigError
 from sslkit.models.registry import build_encoder
-from sslkit.models.window_attention import attend_windows, set_attention_backend, shift_mask
+from sslkit.models.window_attention import attend_windows, bias_from_table, set_attention_backend, shift_mask
 
 try:
     import torch.nn.attention.flex_attention  # noqa: F401
@@ -140,3 +140,34 @@ def test_timm_attention_runs_sdpa_and_equals_explicit_softmax(family, one_thread
 def test_unknown_backend_is_a_config_error():
     with pytest.raises(ConfigError, match="model.args.attention: 'fused'"):
         build_encoder("qt_unet", spatial_dims=2, attention="fused")
+
+
+def test_relative_bias_gradient_is_indexing_and_run_to_run_identical():
+    """The bias lookup's gradient equals plain indexing's up to summation order, and two backward passes give the
+    same bits (indexing's CPU backward adds with parallel atomics: on a multi-core CPU its last bits changed from
+    run to run, and with them a resumed run's weights)."""
+    torch.manual_seed(0)
+    heads, window = 4, (4, 4, 4)
+    from sslkit.models.window_attention import relative_position_index
+
+    idx = relative_position_index(window, window, "cpu").reshape(-1)
+    n = int(idx.numel() ** 0.5)
+    table = torch.randn(int(idx.max()) + 1, heads, requires_grad=True)
+    upstream = torch.randn(heads, n, n)
+
+    def grad(lookup):
+        table.grad = None
+        (lookup() * upstream).sum().backward()
+        return table.grad.clone()
+
+    with torch.autograd.set_grad_enabled(True):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(2, threads))
+        try:
+            ours = [grad(lambda: bias_from_table(table, idx, n, heads)) for _ in range(5)]
+        finally:
+            torch.set_num_threads(threads)
+        indexing = grad(lambda: table[idx].view(n, n, heads).permute(2, 0, 1))
+    assert torch.equal(bias_from_table(table, idx, n, heads), table[idx].view(n, n, heads).permute(2, 0, 1))
+    assert all(torch.equal(ours[0], g) for g in ours[1:])
+    torch.testing.assert_close(ours[0], indexing, rtol=1e-5, atol=1e-5)

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli
 
 FIRST_PROBE = 40
 
@@ -23,8 +23,8 @@ def test_demo_recipe_reaches_its_first_probe_without_an_alarm(demo_dir, tmp_path
     # the task probe does not change the trajectory (tests/test_task_probe_run.py): left out here, as it costs time
     sets = [f"data.datalist={demo_dir / 'datalist.json'}", f"data.cache_dir={tmp_path / 'store'}",
             f"train.max_steps={FIRST_PROBE}", "train.threads=1", "monitor.task_probe.datalist=null"]
-    res = run_cli("pretrain", "--cfg", str(path), "--run-dir", str(run), "--no-progress",
-                  *[a for s in sets for a in ("--set", s)], timeout=900)
+    res = cli("pretrain", "--cfg", str(path), "--run-dir", str(run), "--no-progress",
+              *[a for s in sets for a in ("--set", s)])
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == FIRST_PROBE and all(np.isfinite(r["loss"]) for r in rows)

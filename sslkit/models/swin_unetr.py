@@ -18,7 +18,7 @@ from torch import nn
 
 from sslkit.models.base import Encoder
 from sslkit.models.registry import register_encoder, register_segmenter
-from sslkit.models.window_attention import attend_windows, set_attention_backend, to_tuple
+from sslkit.models.window_attention import attend_windows, bias_from_table, set_attention_backend, to_tuple
 
 
 @functools.cache
@@ -35,7 +35,7 @@ def _fused_window_attention_class() -> type:
             h = self.num_heads
             q, k, v = self.qkv(x).view(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4).unbind(0)  # (B_, h, N, d)
             idx = self.relative_position_index[:n, :n].reshape(-1)  # MONAI's indexing, clipped windows included
-            bias = self.relative_position_bias_table[idx].view(n, n, h).permute(2, 0, 1)  # (h, N, N)
+            bias = bias_from_table(self.relative_position_bias_table, idx, n, h)  # (h, N, N)
             out = attend_windows(q, k, v, bias, mask, self.scale, self.attn_drop.p if self.training else 0.0,
                                  self.attention_backend)
             return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))

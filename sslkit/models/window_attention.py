@@ -187,6 +187,15 @@ def set_attention_backend(model: nn.Module, backend: str) -> int:
     return len(units)
 
 
+def bias_from_table(table: torch.Tensor, index: torch.Tensor, n: int, heads: int) -> torch.Tensor:
+    """(heads, n, n) relative position bias: the rows `index` (n·n,) of `table` (positions, heads).
+
+    F.embedding rather than `table[index]`: on the CPU the backward of advanced indexing accumulates the table's
+    gradient with parallel atomic adds, whose order changes from run to run (last bits of the table after each
+    step, so a resumed run would not equal the uninterrupted one); the embedding backward sums in a fixed order."""
+    return F.embedding(index, table).view(n, n, heads).permute(2, 0, 1)
+
+
 def attend_windows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,
                    mask: torch.Tensor | None = None, scale: float | None = None, dropout_p: float = 0.0,
                    backend: str = "sdpa") -> torch.Tensor:
@@ -298,7 +307,7 @@ class WindowAttention(nn.Module):
         idx = _on_device(("rpi", window, self.window_size),
                          lambda dev: relative_position_index(window, self.window_size, dev), table.device)
         n = idx.shape[0]
-        return table[idx.view(-1)].view(n, n, self.num_heads).permute(2, 0, 1)  # (h, N, N)
+        return bias_from_table(table, idx.view(-1), n, self.num_heads)
 
     def project_qkv(self, x: torch.Tensor, context: torch.Tensor | None = None):
         """(B_, N, C) -> q, k, v each (B_, h, N, d)."""
