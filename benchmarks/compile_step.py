@@ -117,7 +117,7 @@ def monai_ref_row(cfg_recipe: str):
 
 
 def qt_unet_row(roi: int, compiled: bool):
-    from gpu import ssl_batch
+    from gpu import objective_step, ssl_batch
 
     from sslkit.engine.compile import compile_in_place, objective_heads, teacher_modules
     from sslkit.models import build_encoder
@@ -133,18 +133,7 @@ def qt_unet_row(roi: int, compiled: bool):
     if compiled:
         compile_in_place([enc, *objective_heads(comp), *teacher_modules(comp)], "default")
     opt = torch.optim.Adam(list(enc.parameters()) + list(comp.parameters()), lr=4e-5, fused=True)
-    data = ssl_batch(2, roi, torch.device("cpu"))
-    n = [0]
-
-    def step():
-        out = comp(data, enc)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        n[0] += 1
-        comp.on_optimizer_step(n[0], 10 ** 6)
-
-    return step, 2, f"QT-UNet-B byol+rotation+inpainting {roi}^3"
+    return objective_step(enc, comp, opt, ssl_batch(2, roi, torch.device("cpu"))), 2, f"QT-UNet-B byol+rotation+inpainting {roi}^3"
 
 
 # ------------------------------------------------------------------------------------------------ timing

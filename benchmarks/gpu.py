@@ -195,7 +195,7 @@ def sslkit_swin(a, device, compiled: bool, checkpointing: bool = False):
     run = compile_module(enc, a) if compiled else enc
     batch = ssl_batch(a.batch, a.swin_roi, device)
     label = f"sslkit swin_unetr fs{fs}" + (" +ckpt" if checkpointing else "")
-    return _objective_step(run, comp, opt, batch), label, a.batch, a.swin_roi
+    return objective_step(run, comp, opt, batch), label, a.batch, a.swin_roi
 
 
 def sslkit_qt_unet(a, device, compiled: bool, batch: int, attention: str = "sdpa"):
@@ -222,10 +222,11 @@ def sslkit_qt_unet(a, device, compiled: bool, batch: int, attention: str = "sdpa
     run = compile_module(enc, a) if compiled else enc
     data = ssl_batch(batch, a.qt_roi, device)
     label = f"sslkit qt_unet {'C12 (smoke)' if a.smoke else 'base'}" + (f" {attention}" if attention != "sdpa" else "")
-    return _objective_step(run, comp, opt, data), label, batch, a.qt_roi
+    return objective_step(run, comp, opt, data), label, batch, a.qt_roi
 
 
-def _objective_step(encoder_call, comp, opt, batch):
+def objective_step(encoder_call, comp, opt, batch):
+    """A closure running one optimizer step of the objectives `comp` on a fixed batch (EMA teachers included)."""
     steps = [0]
 
     def step():

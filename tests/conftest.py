@@ -265,6 +265,28 @@ def _child_warning_filters() -> None:
         warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def train_objective(spec: dict, batch: dict, steps: int = 12) -> list[dict]:
+    """`steps` Adam steps of a tiny Swin under the objective `spec` on one fixed batch (seed 0), the objective's
+    optimizer-step hook after each; the logs of every step."""
+    import torch
+
+    from sslkit.objectives import build_objective
+
+    torch.manual_seed(0)
+    enc = tiny_swin()
+    obj = build_objective(spec, enc)
+    opt = torch.optim.Adam(list(enc.parameters()) + list(obj.parameters()), lr=1e-3)
+    logs = []
+    for step in range(1, steps + 1):
+        out = obj(batch, enc)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+        obj.on_optimizer_step(step, steps)
+        logs.append(out.logs)
+    return logs
+
+
 def ckpt_tensors(run_dir: Path, step: int) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (REPO, ckpt_tensors, free_port, job_env, max_abs_diff, run_cli, sslkit_cmd, tiny_raw, tiny_swin,
-                      write_cfg)
+                      train_objective, write_cfg)
 from sslkit.data.multicrop import crop_boxes, token_masks
 from sslkit.objectives.dino import DINO
 from sslkit.objectives.distill import MaskToken, PatchDistillLoss, masked_features, views_to_batch, warmup_value
@@ -258,18 +258,7 @@ def test_dino_and_ibot_students_learn_their_teacher_on_real_ct_crops(demo_dir, s
     for spec, keys in (({"name": "dino", **held}, ("dino",)),
                        ({"name": "ibot", **held, "mask_ratio": [0.3, 0.6], "mask_prob": 1.0, "patch_out_dim": 64},
                         ("dino", "patch"))):
-        torch.manual_seed(0)
-        enc = tiny_swin()
-        obj = build_objective(spec, enc)
-        opt = torch.optim.Adam(list(enc.parameters()) + list(obj.parameters()), lr=1e-3)
-        logs = []
-        for step in range(1, 13):
-            out = obj(batch, enc)
-            opt.zero_grad()
-            out.loss.backward()
-            opt.step()
-            obj.on_optimizer_step(step, 12)
-            logs.append(out.logs)
+        logs = train_objective(spec, batch)
         for key in keys:
             values = [row[key] for row in logs]
             print(f"{spec['name']} {key}: {[round(v, 3) for v in values]}")

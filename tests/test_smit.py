@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_swin
+from conftest import tiny_swin, train_objective
 from sslkit.errors import ConfigError
 from sslkit.objectives.distill import masked_features, views_to_batch
 from sslkit.objectives.registry import build_objective
@@ -157,19 +157,8 @@ def test_student_learns_its_teacher_and_restores_masked_voxels_on_real_ct(demo_d
     req = {"views": {}, "masks": {"patch": 16, "ratio": [0.5, 0.5], "prob": 1.0, "count": 2}}
     ds = PretrainDataset(load_datalist(cfg.datalist), cfg, scan_cache, seed=0, requests=req).prepare(False)
     batch = torch.utils.data.default_collate([ds[i] for i in (0, 4)])
-    torch.manual_seed(0)
-    enc = tiny_swin()
-    obj = build_objective({"name": "smit", **SMALL, "mask_ratio": 0.5, "tau_base": 1.0, "center_momentum": 1.0,
-                           "recon_stage": -2}, enc)
-    opt = torch.optim.Adam(list(enc.parameters()) + list(obj.parameters()), lr=1e-3)
-    logs = []
-    for step in range(1, 13):
-        out = obj(batch, enc)
-        opt.zero_grad()
-        out.loss.backward()
-        opt.step()
-        obj.on_optimizer_step(step, 12)
-        logs.append(out.logs)
+    logs = train_objective({"name": "smit", **SMALL, "mask_ratio": 0.5, "tau_base": 1.0, "center_momentum": 1.0,
+                            "recon_stage": -2}, batch)
     for key in ("image", "patch", "recon"):
         values = [row[key] for row in logs]
         print(f"smit {key}: {[round(v, 3) for v in values]}")
