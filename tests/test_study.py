@@ -108,6 +108,24 @@ def test_mean_ranks_and_probe_agreement_by_hand():
     assert S.probe_agreement(rows, {"byol": 0.3, "mg": 0.2}) is None   # two arms: no ranking to compare
 
 
+def test_probe_ranks_arms_by_gain_over_their_own_random_line():
+    """Two encoders whose plans probe at different levels (0.55 and 0.44 for a random encoder): the one that gained
+    more over its own random line ranks first, whatever its raw Dice; scratch gains 0."""
+    from sslkit.downstream.study.report import arm_probe_gain
+
+    facts = {"byol": {"probe_dice": 0.551, "probe_random": 0.549}, "dino": {"probe_dice": 0.445, "probe_random": 0.435},
+             "other": {"probe_dice": None, "probe_random": None}}
+    assert arm_probe_gain("byol", facts) == pytest.approx(0.002)
+    assert arm_probe_gain("dino+warm", facts) == pytest.approx(0.010)
+    assert arm_probe_gain("scratch", facts) == 0.0 and arm_probe_gain("other", facts) is None
+    rows = [{"encoder": a, "budget": 1, "seed": 0, "mean_dice": d} for a, d in (("scratch", 0.40), ("byol", 0.41),
+                                                                                ("dino", 0.45))]
+    gains = {a: arm_probe_gain(a, facts) for a in ("scratch", "byol", "dino")}
+    assert S.probe_agreement(rows, gains).per_budget == {1: pytest.approx(1.0)}
+    raw = {"scratch": 0.549, "byol": 0.551, "dino": 0.445}
+    assert S.probe_agreement(rows, raw).per_budget == {1: pytest.approx(-0.5)}
+
+
 # ------------------------------------------------------------------------------------------ a tiny real study
 
 

@@ -165,6 +165,18 @@ def arm_probe(arm: str, facts: dict[str, dict]) -> float | None:
     return facts.get(arm.split("+")[0], {}).get("probe_dice")
 
 
+def arm_probe_gain(arm: str, facts: dict[str, dict]) -> float | None:
+    """What pretraining added to the task probe: the arm's probe Dice minus its own encoder's random-init line
+    (scratch: 0). Encoders with other plans (crop, spacing) probe at other levels, a random one included, so their
+    raw probe Dice do not rank them; the gain does."""
+    if arm == SCRATCH:
+        return 0.0 if any(f.get("probe_random") is not None for f in facts.values()) else None
+    f = facts.get(arm.split("+")[0], {})
+    if f.get("probe_dice") is None or f.get("probe_random") is None:
+        return None
+    return f["probe_dice"] - f["probe_random"]
+
+
 def summary_table(rows: list[dict], names: list[str], arms: list[str], facts: dict[str, dict]) -> list[str]:
     """Per budget and arm: mean ± std over seeds of mean Dice, each class's Dice, mean NSD and mean HD95, beside the
     task-probe Dice the arm starts from."""
@@ -223,7 +235,9 @@ def agreement_section(agree: ProbeAgreement | None) -> list[str]:
     verdict = ("the probe ranked the arms as fine-tuning did" if agree.mean >= 0.99 else
                "the probe's ranking mostly agreed with fine-tuning's" if agree.mean > 0 else
                "the probe's ranking did not agree with fine-tuning's")
-    return [f"Spearman's rank correlation between each arm's task-probe Dice and its fine-tuned mean Dice, over "
+    return [f"Spearman's rank correlation between each arm's task-probe gain (its probe Dice minus its own "
+            "encoder's random-init probe, scratch 0: encoders with other crops or spacings probe at other levels) "
+            f"and its fine-tuned mean Dice, over "
             f"{len(agree.arms)} arms ({', '.join(agree.arms)}): {per}; mean {agree.mean:+.2f}: {verdict}. With few "
             "arms the correlation takes few values (three arms: -1, -0.5, +0.5, +1): read it as agreement of "
             "orderings, not as a precise statistic."]
@@ -258,7 +272,7 @@ def write_markdown(rows: list[dict], diffs: list[PairedDifference], info: StudyI
     lines += ["", "## Arms: mean rank, task probe, pretraining cost", ""]
     lines += encoders_section(arms, mean_ranks(rows), info.facts)
     lines += ["", "## Did the task probe rank the arms as fine-tuning did?", ""]
-    lines += agreement_section(probe_agreement(rows, {a: arm_probe(a, info.facts) for a in arms}))
+    lines += agreement_section(probe_agreement(rows, {a: arm_probe_gain(a, info.facts) for a in arms}))
     if plot_name:
         lines += ["", "## Plot", "", f"![Dice against labelled volumes]({plot_name})"]
     lines += ["", "## Time", "",

@@ -108,8 +108,9 @@ def mean_ranks(rows: list[dict]) -> dict[str, float]:
 
 @dataclass
 class ProbeAgreement:
-    """Spearman's rank correlation between the task probe's Dice of each arm and its fine-tuned mean Dice, per
-    budget and their mean: +1 when the probe ranked the arms exactly as fine-tuning did."""
+    """Spearman's rank correlation between a task-probe figure of each arm (the study uses its gain over the
+    encoder's random-init line) and its fine-tuned mean Dice, per budget and their mean: +1 when the probe ranked
+    the arms exactly as fine-tuning did."""
     per_budget: dict[int, float]
     mean: float
     arms: list[str]
