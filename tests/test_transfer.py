@@ -127,3 +127,47 @@ def test_transfer_default_from_a_plan_where_the_recipe_is_silent():
     raw, _ = recipe_from_plan({"adapt": {"mode": "frozen_encoder"}}, plan)  # no encoder lr to scale
     assert "encoder_lr_scale" not in raw["adapt"]
     assert recipe_from_plan({}, None)[0] == {}                              # no plan, no transfer default
+
+
+def test_linear_head_is_one_linear_classifier_on_the_frozen_features():
+    """adapt.mode linear_head: the decoder replaced by BatchNorm + 1x1 conv per stage, scores upsampled and summed;
+    only the head trains. At eval it equals one linear map of every stage's normalised features upsampled to the
+    input (upsampling and 1x1 convs commute), written here by hand."""
+    import torch.nn.functional as F
+
+    from sslkit.downstream.adapt import load_finetuned, mode_names, save_model
+    from sslkit.downstream.config import ADAPT_MODES
+
+    assert sorted(ADAPT_MODES) == mode_names()        # the recipe check knows every registered mode
+    cfg = _cfg(adapt={"mode": "linear_head"})
+    model, a, opt, _ = _setup(cfg)
+    assert not hasattr(model, "net") and len(model.heads) == len(model.encoder.feature_channels) == 5
+    trained = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert trained == {id(p) for m in (model.norms, model.heads) for p in m.parameters()}
+    x = torch.randn(2, 1, 32, 32, 32)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    for _ in range(2):
+        a.train_mode(model)
+        opt.zero_grad(set_to_none=True)
+        model(x).logsumexp(1).mean().backward()
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())
+
+    model.eval()
+    with torch.no_grad():
+        feats = [(m - n.running_mean.view(1, -1, 1, 1, 1)) / (n.running_var.view(1, -1, 1, 1, 1) + n.eps).sqrt()
+                 * n.weight.view(1, -1, 1, 1, 1) + n.bias.view(1, -1, 1, 1, 1)
+                 for m, n in zip(model.encoder(x), model.norms)]
+        up = torch.cat([F.interpolate(f, size=(32, 32, 32), mode="trilinear", align_corners=False) for f in feats], 1)
+        w = torch.cat([h.weight.flatten(1) for h in model.heads], 1)
+        want = torch.einsum("kc,bcxyz->bkxyz", w, up) + sum(h.bias for h in model.heads).view(1, -1, 1, 1, 1)
+        torch.testing.assert_close(model(x), want, rtol=1e-4, atol=1e-4)
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:        # evaluate / predict rebuild the same architecture from the file
+        save_model(model, cfg, {}, Path(d) / "model.safetensors")
+        again = load_finetuned(d)[0].eval()
+        with torch.no_grad():
+            torch.testing.assert_close(again(x), model(x))

@@ -65,13 +65,13 @@ def _two_stage_warmup(s: int, n: int, encoder: bool) -> float:
 
 
 _MODES: dict[str, Callable] = {}
-_PREPARE: dict[str, Callable] = {}  # mode -> fn(model, adapt_cfg) changing the architecture (e.g. adding adapters)
+_PREPARE: dict[str, Callable] = {}  # mode -> fn(model, cfg) changing the architecture (e.g. adding adapters)
 
 
 def register_mode(name: str, prepare: Callable | None = None):
-    """Register an adaptation mode. `prepare(model, adapt_cfg)`, if given, runs inside build_model, so training,
-    evaluation and prediction build the same architecture (new modules' keys go in `model.encoder.added_keys`,
-    which encoder-weight loading lets be missing)."""
+    """Register an adaptation mode. `prepare(model, downstream_cfg)`, if given, runs inside build_model, so training,
+    evaluation and prediction build the same architecture: it changes the model in place (new encoder modules'
+    keys go in `model.encoder.added_keys`, which encoder-weight loading lets be missing) or returns another."""
     def wrap(fn):
         _MODES[name] = fn
         if prepare is not None:
@@ -146,6 +146,20 @@ def _frozen_encoder(model: nn.Module, cfg, lr: float) -> Adaptation:
     return Adaptation([{"params": rest, "lr": lr, "name": "decoder"}], frozen_modules=[model.encoder])
 
 
+def _linear_head_model(model: nn.Module, cfg) -> nn.Module:
+    from sslkit.models.linear_head import LinearHeadSegmenter
+
+    _options(cfg.adapt, "linear_head", {})
+    return LinearHeadSegmenter(model.encoder, cfg.data.num_classes)
+
+
+@register_mode("linear_head", prepare=_linear_head_model)
+def _linear_head(model: nn.Module, cfg, lr: float) -> Adaptation:
+    """The frozen encoder with a linear head on every stage's features in place of the decoder
+    (sslkit.models.linear_head): what the encoder's features alone give the task."""
+    return _frozen_encoder(model, cfg, lr)
+
+
 def _options(cfg, mode: str, known: dict) -> dict:
     """adapt.options merged over a mode's defaults; an unknown key is a one-line ConfigError."""
     opts = dict(getattr(cfg, "options", {}) or {})
@@ -201,7 +215,7 @@ def _add_msa_adapters(model: nn.Module, cfg) -> None:
     from sslkit.models.sam import add_adapters
 
     model = _sam_segmenter(model, "adapter")
-    opts = _options(cfg, "adapter", ADAPTER_OPTIONS)
+    opts = _options(cfg.adapt, "adapter", ADAPTER_OPTIONS)
     if model.encoder.blocks[0].space_adapter is None:
         depth = model.spatial_dims == 3 if opts["depth_branch"] is None else bool(opts["depth_branch"])
         add_adapters(model.encoder, float(opts["mlp_scale"]), float(opts["ratio"]), depth)
@@ -260,7 +274,7 @@ def build_model(cfg) -> nn.Module:
                             out_channels=cfg.data.num_classes,
                             activation_checkpointing=cfg.model.activation_checkpointing, **cfg.model.args)
     if cfg.adapt.mode in _PREPARE:
-        _PREPARE[cfg.adapt.mode](model, cfg.adapt)
+        model = _PREPARE[cfg.adapt.mode](model, cfg) or model
     return model
 
 

@@ -29,7 +29,9 @@ from sslkit.config import (
 from sslkit.errors import ConfigError
 
 LAYOUTS = ("msd", "btcv", "acdc", "datalist", "mni_gm_wm", "demo_ct_head")
-ADAPT_MODES = ("full", "frozen_encoder", "adapter", "prompt")  # sslkit.downstream.adapt registers each
+# the modes sslkit.downstream.adapt registers, named here so that config does not import it (adapt imports config);
+# tests/test_transfer.py checks that the two agree
+ADAPT_MODES = ("full", "frozen_encoder", "linear_head", "adapter", "prompt")
 
 
 @dataclass
@@ -64,8 +66,8 @@ class DownstreamDataConfig(PreprocessConfig):
 
 @dataclass
 class AdaptConfig:
-    mode: str = "full"                 # full | frozen_encoder | adapter (SAM) | prompt (PUNet); see
-                                       # sslkit.downstream.adapt
+    mode: str = "full"                 # full | frozen_encoder | linear_head | adapter (SAM) | prompt (PUNet);
+                                       # see sslkit.downstream.adapt
     encoder_lr_scale: float = 1.0      # full mode: encoder lr = lr * scale (0.1 by default from an encoder's plan:
                                        # sslkit.downstream.from_plan.TRANSFER_DEFAULTS)
     warmup_frozen_steps: int = 0       # full mode: N > 0 trains the decoder / head alone for N steps (encoder
