@@ -174,8 +174,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TRAINING_COMMANDS = ("pretrain", "finetune", "study")
+
+
+def one_thread_args(args) -> list[str]:
+    """ARGS of a training command with `--set train.threads=1` unless they set it: the demo recipes pin 2 threads
+    (figures that reproduce on any machine), which under two test workers on 2 cores oversubscribes them."""
+    args = [str(a) for a in args]
+    if args and args[0] in TRAINING_COMMANDS and not any(a.startswith("train.threads=") for a in args):
+        args += ["--set", "train.threads=1"]
+    return args
+
+
 def sslkit_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "sslkit", *args]
+    return [sys.executable, "-m", "sslkit", *one_thread_args(args)]
 
 
 def job_env(**extra: str) -> dict:
@@ -226,7 +238,7 @@ def cli(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.C
             try:
                 with warnings.catch_warnings():
                     _child_warning_filters()
-                    code = main([str(a) for a in args])
+                    code = main(one_thread_args(args))
             except SystemExit as e:
                 code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
                 if isinstance(e.code, str):

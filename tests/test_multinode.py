@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, ckpt_tensors, free_port, job_env, max_abs_diff, run_cli, tiny_raw, write_cfg
+from conftest import REPO, ckpt_tensors, cli, free_port, job_env, max_abs_diff, tiny_raw, write_cfg
 
 SBATCH = REPO / "examples" / "slurm_pretrain.sbatch"
 SGD = {"name": "sgd", "lr": 0.05, "betas": [0.9, 0.999]}
@@ -39,7 +39,7 @@ def one_process_run(demo_dir, scan_cache, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("one")
     cfg = write_cfg(tiny_raw(demo_dir, scan_cache, optim=SGD, train={"micro_batch_size": 2, "grad_accum_steps": 2}),
                     root / "one.yaml")
-    res = run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(root / "run"), "--no-progress")
+    res = cli("pretrain", "--cfg", str(cfg), "--run-dir", str(root / "run"), "--no-progress")
     assert res.returncode == 0, res.stderr[-3000:]
     return root / "run"
 

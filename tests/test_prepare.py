@@ -471,8 +471,10 @@ def test_demo_voco_recipe_trains_from_pipeline_crops(demo_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_data_pipeline_benchmark_smoke(tmp_path):
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_pipeline.py"), "--scans", "6",
+def test_data_pipeline_benchmark_smoke(tmp_path, demo_dir):
+    # --demo: the tests' corpus (by default the benchmark takes a user's demo_data/ where there is one)
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_pipeline.py"), "--demo", str(demo_dir),
+                          "--scans", "6",
                           "--steps", "4", "--reads", "20", "--prep-scans", "4", "--timing-steps", "1", "--rounds", "1",
                           "--set", "data.roi=[32,32,32]", "--set", "train.micro_batch_size=2", "--work",
                           str(tmp_path)], capture_output=True, encoding="utf-8", timeout=600, cwd=REPO, env=job_env())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ckpt_tensors, max_abs_diff, run_cli, tiny_raw, write_cfg
+from conftest import ckpt_tensors, cli, max_abs_diff, tiny_raw, write_cfg
 from sslkit import run as R
 from sslkit.config import config_from_dict
 from sslkit.engine.trainer import pretrain
@@ -40,14 +40,14 @@ def _rows(run_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def probed(demo_dir, scan_cache, probe_json, tmp_path_factory):
-    """Three steps with the task probe at every step, and the same run without it, each in a fresh process (as a
-    user runs them: the comparison must not depend on what earlier tests left in this one)."""
+    """Three steps with the task probe at every step, then the same run without it, through the CLI in this process
+    (the run without the probe comes second: what the probe left behind in the process must not reach it)."""
     root = tmp_path_factory.mktemp("runs")
     raw_off = _raw(demo_dir, scan_cache, probe_json)
     raw_off["monitor"].pop("task_probe")
     for name, raw in (("on", _raw(demo_dir, scan_cache, probe_json)), ("off", raw_off)):
-        res = run_cli("pretrain", "--cfg", str(write_cfg(raw, root / f"{name}.yaml")), "--run-dir", str(root / name),
-                      "--no-progress")
+        res = cli("pretrain", "--cfg", str(write_cfg(raw, root / f"{name}.yaml")), "--run-dir", str(root / name),
+                  "--no-progress")
         assert res.returncode == 0, res.stderr[-3000:]
     return root / "on", root / "off"
 
