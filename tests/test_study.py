@@ -327,3 +327,21 @@ def test_study_stopped_while_a_cell_evaluates_exits_75_with_its_report(demo_dir,
     assert "study stopped by SIGTERM" in res.stderr and "run the same command again" in res.stderr
     assert (out / "rand" / "b1_s0" / "eval" / "metrics.json").is_file() and not (out / "rand" / "b1_s1").exists()
     assert "rand/b1_s0" in (out / "study.csv").read_text(encoding="utf-8")
+
+
+def test_a_linear_head_arm_through_a_schedule(tmp_path):
+    """`--schedule lh=adapt.mode=linear_head` adds, per encoder, the frozen-encoder arm that measures the encoder
+    (a linear head in place of the decoder) beside its full fine-tune."""
+    from sslkit.downstream.adapt import build_model
+    from sslkit.downstream.config import downstream_config_from_dict
+    from sslkit.downstream.study.grid import resolve_arms
+    from sslkit.models.linear_head import LinearHeadSegmenter
+
+    enc = _tiny_encoder(tmp_path / "enc.safetensors")
+    raw = {"data": {"layout": "datalist", "root": str(tmp_path / "dl.json"), "num_classes": 3}}
+    arms = resolve_arms(raw, {"rand": str(enc)}, True, S.parse_schedules(["full=", "lh=adapt.mode=linear_head"]))
+    assert [a.name for a in arms] == ["scratch", "rand+full", "rand+lh"]
+    modes = {a.name: a.config["adapt"]["mode"] for a in arms}
+    assert modes == {"scratch": "full", "rand+full": "full", "rand+lh": "linear_head"}
+    model = build_model(downstream_config_from_dict(arms[2].config))
+    assert isinstance(model, LinearHeadSegmenter) and len(model.heads) == len(model.encoder.feature_channels)
