@@ -17,6 +17,7 @@ export PYTHONUTF8 := 1
 # Found at run time (the package is installed by `setup`); without it the jobs run as before.
 TCMALLOC = LD_PRELOAD="$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | head -n 1)" \
            TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776
+SSLKIT   = $(TCMALLOC) $(BIN)/sslkit
 
 .PHONY: demo test setup system-packages clean study
 
@@ -45,14 +46,14 @@ $(STAMP): pyproject.toml Makefile
 # and from scratch (same architecture, budget and seed), evaluate both and compare. Re-running continues / reuses.
 DEMO_DOWN := downstream/demo_gm_wm_from_plan.yaml
 demo: setup
-	$(TCMALLOC) $(BIN)/sslkit data demo --out demo_data
-	$(TCMALLOC) $(BIN)/sslkit pretrain --cfg pretrain_configs/demo_ct_byol.yaml --run-dir runs/demo_ct_byol --resume auto
-	$(TCMALLOC) $(BIN)/sslkit finetune --cfg $(DEMO_DOWN) --encoder runs/demo_ct_byol --run-dir runs/gm_wm_byol --resume auto
-	$(TCMALLOC) $(BIN)/sslkit finetune --cfg $(DEMO_DOWN) --encoder runs/demo_ct_byol --scratch --run-dir runs/gm_wm_scratch \
+	$(SSLKIT) data demo --out demo_data
+	$(SSLKIT) pretrain --cfg pretrain_configs/demo_ct_byol.yaml --run-dir runs/demo_ct_byol --resume auto
+	$(SSLKIT) finetune --cfg $(DEMO_DOWN) --encoder runs/demo_ct_byol --run-dir runs/gm_wm_byol --resume auto
+	$(SSLKIT) finetune --cfg $(DEMO_DOWN) --encoder runs/demo_ct_byol --scratch --run-dir runs/gm_wm_scratch \
 	    --resume auto
-	$(TCMALLOC) $(BIN)/sslkit evaluate runs/gm_wm_byol
-	$(TCMALLOC) $(BIN)/sslkit evaluate runs/gm_wm_scratch
-	$(TCMALLOC) $(BIN)/sslkit compare runs/gm_wm_scratch runs/gm_wm_byol --out runs/demo_compare.md
+	$(SSLKIT) evaluate runs/gm_wm_byol
+	$(SSLKIT) evaluate runs/gm_wm_scratch
+	$(SSLKIT) compare runs/gm_wm_scratch runs/gm_wm_byol --out runs/demo_compare.md
 	@echo "Held-out grey / white matter Dice and HD95 (mm): from scratch vs from the BYOL encoder, same budget."
 	@echo "Watch the pretraining: $(BIN)/sslkit dashboard runs/demo_ct_byol   (http://127.0.0.1:8765)"
 
@@ -68,10 +69,10 @@ test: setup
 # the report.
 STUDY_OUT ?= runs/study_demo
 study: setup
-	$(TCMALLOC) $(BIN)/sslkit data demo --out demo_data
-	test -f runs/demo_ct_byol/encoder.safetensors || $(TCMALLOC) $(BIN)/sslkit pretrain --cfg pretrain_configs/demo_ct_byol.yaml \
+	$(SSLKIT) data demo --out demo_data
+	test -f runs/demo_ct_byol/encoder.safetensors || $(SSLKIT) pretrain --cfg pretrain_configs/demo_ct_byol.yaml \
 	    --run-dir runs/demo_ct_byol --resume auto --no-progress
-	$(TCMALLOC) $(BIN)/sslkit study --cfg downstream/demo_study.yaml --scratch --encoder byol=runs/demo_ct_byol \
+	$(SSLKIT) study --cfg downstream/demo_study.yaml --scratch --encoder byol=runs/demo_ct_byol \
 	    --budgets 1,2,4 --seeds 0,1,2 --jobs 2 --no-progress --out $(STUDY_OUT)
 
 clean:

@@ -169,12 +169,9 @@ def arm_probe_gain(arm: str, facts: dict[str, dict]) -> float | None:
     """What pretraining added to the task probe: the arm's probe Dice minus its own encoder's random-init line
     (scratch: 0). Encoders with other plans (crop, spacing) probe at other levels, a random one included, so their
     raw probe Dice do not rank them; the gain does."""
-    if arm == SCRATCH:
-        return 0.0 if any(f.get("probe_random") is not None for f in facts.values()) else None
-    f = facts.get(arm.split("+")[0], {})
-    if f.get("probe_dice") is None or f.get("probe_random") is None:
-        return None
-    return f["probe_dice"] - f["probe_random"]
+    probe = arm_probe(arm, facts)
+    random = probe if arm == SCRATCH else facts.get(arm.split("+")[0], {}).get("probe_random")
+    return None if probe is None or random is None else probe - random
 
 
 def summary_table(rows: list[dict], names: list[str], arms: list[str], facts: dict[str, dict]) -> list[str]:
