@@ -19,12 +19,8 @@ TCMALLOC = LD_PRELOAD="$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | h
            TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776
 SSLKIT   = $(TCMALLOC) $(BIN)/sslkit
 
-.PHONY: demo test setup system-packages clean study
-
-setup: $(STAMP)
-
-system-packages:
-	@if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+# Debian packages the demo and the tests use, installed where missing (root and apt-get only)
+INSTALL_SYSTEM_PACKAGES = if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	  missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then \
 	    echo "apt-get install$$missing"; \
@@ -32,14 +28,23 @@ system-packages:
 	  fi; \
 	else echo "not root or no apt-get: install $(APT_PKGS) yourself"; fi
 
+.PHONY: demo test setup system-packages clean study
+
+setup: $(STAMP)
+
+system-packages:
+	@$(INSTALL_SYSTEM_PACKAGES)
+
+# The system packages install (apt) while pip works: neither needs the other, and each keeps one core busy.
+# DeepSpeed ships as an sdist that imports torch to build: it is built against the torch installed just before it.
 $(STAMP): pyproject.toml Makefile
-	$(MAKE) system-packages
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade setuptools wheel
-	$(BIN)/pip install -q $(TORCH)
-	# DeepSpeed ships as an sdist that imports torch to build: build it against the torch above
-	$(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15,<0.20"
-	$(BIN)/pip install -q -e ".[demo,trackers,bundle,study,test]" $(TORCH)
+	( $(INSTALL_SYSTEM_PACKAGES) ) > $(VENV)/system-packages.log 2>&1 & apt=$$!; \
+	$(BIN)/pip install -q --upgrade setuptools wheel \
+	  && $(BIN)/pip install -q $(TORCH) \
+	  && $(BIN)/pip install -q --no-build-isolation "deepspeed>=0.15,<0.20" \
+	  && $(BIN)/pip install -q -e ".[demo,trackers,bundle,study,test]" $(TORCH); pip=$$?; \
+	wait $$apt; apt=$$?; cat $(VENV)/system-packages.log; [ $$pip = 0 ] && [ $$apt = 0 ]
 	touch $(STAMP)
 
 # The main job: pretrain BYOL on the demo corpus, then fine-tune grey / white matter segmentation from that encoder
@@ -58,10 +63,10 @@ demo: setup
 	@echo "Watch the pretraining: $(BIN)/sslkit dashboard runs/demo_ct_byol   (http://127.0.0.1:8765)"
 
 # Two test processes (most tests run single-threaded sslkit jobs); each test module stays in one process so its
-# shared runs are made once. `make test JOBS=0` runs in this process only.
+# shared runs are made once, the longest modules first (tests/conftest.py). `make test JOBS=0` runs in this process only.
 JOBS ?= 2
 test: setup
-	$(TCMALLOC) $(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope tests
+	$(TCMALLOC) $(BIN)/python -m pytest -q -n $(JOBS) --dist loadscope --no-loadscope-reorder tests
 
 # The label-efficiency demo (docs/study.md): the brain regions task, a task intensity cannot solve, with 1, 2 and 4
 # labelled Colin27 slabs x 3 seeds; scratch vs the BYOL demo encoder (make demo's, reused when it exists), one recipe

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, job_env, run_cli
+from conftest import REPO, cli, job_env
 from sslkit.downstream.adapt import build_model, save_model
 from sslkit.downstream.config import downstream_config_from_dict
 from sslkit.errors import ConfigError, UserError
@@ -213,9 +212,9 @@ def run_bundle(bundle: Path, dataset: Path, out: Path) -> subprocess.CompletedPr
 def finetuned_run(demo_dir: Path, tmp: Path) -> Path:
     """A 2-step `sslkit finetune` of the GM / WM demo recipe (3-D QT-UNet-T, 4 mm): a real fine-tuning run."""
     run = tmp / "finetune_run"
-    res = run_cli("finetune", "--cfg", str(REPO / "downstream" / "demo_mni_gm_wm.yaml"), "--run-dir", str(run),
-                  "--set", f"data.root={demo_dir}", "--set", "train.max_steps=2", "--set", "train.val_every=2",
-                  "--set", "data.spacing=[4.0,4.0,4.0]")
+    res = cli("finetune", "--cfg", str(REPO / "downstream" / "demo_mni_gm_wm.yaml"), "--run-dir", str(run),
+              "--set", f"data.root={demo_dir}", "--set", "train.max_steps=2", "--set", "train.val_every=2",
+              "--set", "data.spacing=[4.0,4.0,4.0]")
     assert res.returncode == 0, res.stderr[-3000:]
     return run
 

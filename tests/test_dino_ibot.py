@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (REPO, ckpt_tensors, free_port, job_env, max_abs_diff, run_cli, sslkit_cmd, tiny_raw, tiny_swin,
+from conftest import (REPO, ckpt_tensors, cli, free_port, job_env, max_abs_diff, sslkit_cmd, tiny_raw, tiny_swin,
                       train_objective, write_cfg)
 from sslkit.data.multicrop import crop_boxes, token_masks
 from sslkit.objectives.dino import DINO
@@ -327,7 +327,7 @@ def test_distillation_sigkill_then_resume_equals_uninterrupted(distill_reference
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    res = run_cli("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress", "--resume", "auto")
+    res = cli("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress", "--resume", "auto")
     assert res.returncode == 0, res.stderr[-3000:]
     s_ref, t_ref = ckpt_tensors(ref_dir, 4)
     s_res, t_res = ckpt_tensors(run_dir, 4)

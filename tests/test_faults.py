@@ -721,40 +721,67 @@ def _hemispheres(demo_dir: Path, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def finetuned(demo_dir, tmp_path_factory):
-    """A 4-step fine-tuning run on the demo hemispheres (a checkpoint and a validation every step)."""
+    """A 4-step fine-tuning run on the demo hemispheres from a (random, seeded) encoder file, a checkpoint and a
+    validation every step: (run, datalist, encoder)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from sslkit.models import build_encoder
+
     root = tmp_path_factory.mktemp("faults-finetune")
     if not (demo_dir / "halves" / "mni_left.nii.gz").is_file():
         from sslkit.data.demo import build_mni_gm_wm
 
         build_mni_gm_wm(demo_dir)
     data = _hemispheres(demo_dir, root / "data")
-    res = cli(*_finetune_args(data, root / "run"))
+    encoder = root / "encoder.safetensors"
+    torch.manual_seed(5)
+    save_file(build_encoder("qt_unet", variant="tiny", window_size=4).state_dict(), str(encoder))
+    res = cli(*_finetune_args(data, root / "run", "--encoder", str(encoder)))
     assert res.returncode == 0, res.stderr[-3000:]
-    return root / "run", data
+    return root / "run", data, encoder
 
 
 @pytest.mark.slow
-def test_finetune_sigterm_checkpoints_exits_75_and_resume_equals_uninterrupted(finetuned, tmp_path):
-    ref_dir, data = finetuned
+def test_finetune_sigterm_exits_75_and_the_printed_line_resumes_to_the_uninterrupted_run(finetuned, tmp_path,
+                                                                                         monkeypatch):
+    """SIGTERM mid-run: a checkpoint, exit 75 and one line whose `continue with:` command, typed in another folder,
+    continues with the run's own config, --set values and encoder (before: it left out every --set and --encoder,
+    and following it exited 2), and ends bitwise where the uninterrupted run does."""
+    import shlex
+
+    import yaml
+    from safetensors.torch import load_file
+
+    from sslkit.plan import read_plan
+
+    ref_dir, data, encoder = finetuned
     run_dir = tmp_path / "run"
-    proc = _start(*_finetune_args(data, run_dir))
+    proc = _start(*_finetune_args(data, run_dir, "--encoder", str(encoder)))
     _wait_for(lambda: _metrics_steps(run_dir), proc)
     proc.send_signal(signal.SIGTERM)
-    res = _finish(proc)
-    _one_line(res, 75, "sslkit: stopped by SIGTERM", "sslkit finetune", "--resume auto", str(run_dir))
+    line = _one_line(_finish(proc), 75, "sslkit: stopped by SIGTERM")
+    printed = line.split("continue with: ", 1)[1]
+    assert printed == f"sslkit finetune --run-dir {shlex.quote(str(run_dir))} --resume auto"
     found = R.list_checkpoints(run_dir / R.CHECKPOINTS)
     assert found and R.checkpoint_step(found[-1]) < 4 and R.checkpoint_problem(found[-1]) is None
     assert max(_metrics_steps(run_dir)) == R.checkpoint_step(found[-1])
-    res = cli(*_finetune_args(data, run_dir), "--resume", "auto")
-    assert res.returncode == 0, res.stderr[-3000:]
-    from safetensors.torch import load_file
 
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    res = cli(*shlex.split(printed)[1:], cwd=elsewhere)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"resumed from {found[-1]}" in res.stdout
     name = R.step_dir_name(4)
     a = load_file(str(ref_dir / R.CHECKPOINTS / name / "model.safetensors"))
     b = load_file(str(run_dir / R.CHECKPOINTS / name / "model.safetensors"))
     assert max_abs_diff(a, b) == 0.0
     assert [r["loss"] for r in R.read_jsonl(run_dir / "metrics.jsonl")] == \
         [r["loss"] for r in R.read_jsonl(ref_dir / "metrics.jsonl")]
+    used = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    assert used["data"]["root"] == str(data) and used["model"]["init_from"] == str(encoder)
+    assert read_plan(run_dir / "model.safetensors")["source"]["encoder"] == str(encoder)
 
 
 @pytest.fixture(scope="module")
@@ -782,7 +809,7 @@ def bad_inputs(demo_dir, ct_block, tmp_path_factory) -> dict[str, Path]:
 def test_predict_refuses_bad_input_with_one_line(case, finetuned, bad_inputs, tmp_path, capsys):
     """Before: tracebacks (2-D, wrong gzip) or exit 0 with a silently wrong map (NaN voxels: all background;
     a missing slice: uniform spacing across the gap). Now exit 2, one line naming the file, nothing written."""
-    ref_dir, _ = finetuned
+    ref_dir, _, _ = finetuned
     path, words = bad_inputs[case]
     line = _cli_one_line(capsys, 2, "sslkit: error:", "predict", "--ckpt", ref_dir, "--input", path,
                          "--output", tmp_path / "preds")
@@ -793,7 +820,7 @@ def test_predict_refuses_bad_input_with_one_line(case, finetuned, bad_inputs, tm
 def test_label_on_another_grid_finetune_and_evaluate(finetuned, demo_dir, tmp_path, capsys):
     """A validation label cropped by 10 voxels: `finetune` exits 2 with one line naming both files before any
     training; `evaluate` of a run whose label was later replaced does the same (before: a MONAI traceback)."""
-    ref_dir, data = finetuned
+    ref_dir, data, _ = finetuned
     bad = _hemispheres(demo_dir, tmp_path / "data")
     label = bad.parent / "mni_right_label.nii.gz"
     lab = nib.load(str(label))

@@ -456,17 +456,6 @@ def test_objectives_declare_their_data_and_the_composite_merges_it():
         clash.data_requests()
 
 
-@pytest.mark.slow
-def test_demo_voco_recipe_trains_from_pipeline_crops(demo_dir, tmp_path):
-    res = cli("pretrain", "--cfg", str(REPO / "pretrain_configs" / "demo_voco.yaml"), "--run-dir",
-                  str(tmp_path / "run"), "--no-progress", "--set", f"data.datalist={demo_dir / 'datalist.json'}",
-                  "--set", f"data.cache_dir={tmp_path / 'store'}", "--set", "train.max_steps=3",
-                  "--set", "monitor.probe_every=0", "--set", "monitor.task_probe.datalist=null")
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and all(np.isfinite(r["loss"]) and "voco/pred" in r for r in rows)
-
-
 # ------------------------------------------------------------------------------------------ benchmark smoke
 
 

@@ -21,7 +21,6 @@ import json
 import math
 import random
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
