@@ -19,9 +19,11 @@ TCMALLOC = LD_PRELOAD="$$(ls /usr/lib/*/libtcmalloc_minimal.so.4 2>/dev/null | h
            TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD=1099511627776
 SSLKIT   = $(TCMALLOC) $(BIN)/sslkit
 
-# Debian packages the demo and the tests use, installed where missing (root and apt-get only)
+# Debian packages the demo and the tests use, installed where missing (root and apt-get only; a package removed but
+# not purged counts as missing)
 INSTALL_SYSTEM_PACKAGES = if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
-	  missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	  missing=""; for p in $(APT_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" \
+	    || missing="$$missing $$p"; done; \
 	  if [ -n "$$missing" ]; then \
 	    echo "apt-get install$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

@@ -207,16 +207,17 @@ def test_spacing_zero_keeps_the_slice_spacing(tmp_path):
 # ------------------------------------------------------------------------------------------ heads train
 
 
-# the CNN head (4 upsampling stages from the 8x8 token grid) learns slower than the other two on this demo:
-# 0.162 -> 0.192 after 60 steps, 0.379 after 120 (measured)
-@pytest.mark.parametrize("head, steps", [("autosam", 60), ("cnn", 120), ("linear", 60)])
-def test_head_trains_on_one_labelled_volume(head, steps, tmp_path):
+# the CNN head (4 upsampling stages from the 8x8 token grid) learns slower than the other two on this demo, and
+# unevenly at a higher rate: 0.162 -> 0.192 after 60 steps, 0.379 after 120 at the recipe's 5e-4 (measured); the
+# AutoSAM and linear heads at 1e-3 reach 0.493 and 0.511 after 30 steps (0.533 / 0.517 after 60 at 5e-4)
+@pytest.mark.parametrize("head, steps, lr", [("autosam", 30, 1e-3), ("cnn", 120, 5e-4), ("linear", 30, 1e-3)])
+def test_head_trains_on_one_labelled_volume(head, steps, lr, tmp_path):
     """Frozen (random) SAM-shaped encoder, one labelled volume's slices: validation Dice on the other volume beats
     the same model's untrained Dice by at least 0.2."""
     from sslkit.downstream.train import finetune
 
     cfg = load_downstream_config(AUTOSAM, [f"model.args.head={head}", f"train.max_steps={steps}",
-                                           f"train.val_every={steps}", f"data.root={ACDC_ROOT}"])
+                                           f"train.val_every={steps}", f"optim.lr={lr}", f"data.root={ACDC_ROOT}"])
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg)
     data = make_datasets(cfg.data)
