@@ -22,18 +22,35 @@ def reference_run(sgd_reference):
     return sgd_reference
 
 
-def test_two_processes_zero3_match_one_process(reference_run, demo_dir, scan_cache, tmp_path):
+def test_two_processes_zero3_prepare_a_fresh_store_and_match_one_process(reference_run, demo_dir, tmp_path):
     """2 ranks x micro-batch 1 see the same samples per step as 1 rank x micro-batch 2 (the sampler shards
-    one seeded permutation), so under ZeRO-3 the student and the EMA teacher must match. (ZeRO-2 on 2 ranks, with
-    gradient accumulation: tests/test_multinode.py, under torchrun's two-node rendezvous and the DeepSpeed
-    launcher; ZeRO-1: tests/test_byol.py in bf16.)"""
+    one seeded permutation), so under ZeRO-3 the student and the EMA teacher must match. The two ranks start on a
+    fresh store, from a datalist with two bad entries (a missing file, a NaN scan) among the reference's three scans:
+    they prepare it together, record the bad entries once, leave no markers, and then train on the reference's
+    samples. (ZeRO-2 on 2 ranks, with gradient accumulation: tests/test_multinode.py, under torchrun's two-node
+    rendezvous and the DeepSpeed launcher; ZeRO-1: tests/test_byol.py in bf16.)"""
+    import nibabel as nib
+
+    from sslkit.data.datalist import load_datalist
+    from sslkit.data.store import VolumeStore
+
     ref_dir, _ = reference_run
-    raw = tiny_raw(demo_dir, scan_cache, optim=SGD, train={"micro_batch_size": 1, "zero_stage": 3})
+    nan = np.ones((16, 16, 16), np.float32)
+    nan[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp_path / "nan.nii.gz"))
+    good = load_datalist(demo_dir / "datalist.json")
+    entries = good[:2] + [{"image": str(tmp_path / "missing.nii.gz")}, *good[2:], {"image": str(tmp_path / "nan.nii.gz")}]
+    (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}), encoding="utf-8")
+    raw = tiny_raw(demo_dir, tmp_path / "store", optim=SGD, train={"micro_batch_size": 1, "zero_stage": 3})
+    raw["data"]["datalist"] = str(tmp_path / "datalist.json")
     cfg = write_cfg(raw, tmp_path / "z.yaml")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "sslkit", "pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress"]
     res = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO, env=job_env())
     assert res.returncode == 0, res.stderr[-3000:]
+    assert len(VolumeStore(tmp_path / "store").keys()) == len(good)
+    skipped = (tmp_path / "run" / "skipped.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(skipped) == 2 and not (tmp_path / "run" / ".prepare").exists()  # logged once; markers cleaned up
     s2, t2 = ckpt_tensors(tmp_path / "run", 4)
     s1, t1 = ckpt_tensors(ref_dir, 4)
     assert max_abs_diff(s1, s2) < 1e-5
