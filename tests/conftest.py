@@ -160,6 +160,18 @@ def tiny_raw(demo_dir: Path, cache: Path, **sections) -> dict:
     return raw
 
 
+def nan_scan(folder: Path) -> Path:
+    """A 16^3 NIfTI scan with one NaN voxel (a bad entry a run must skip and record), as folder/nan.nii.gz."""
+    import nibabel as nib
+    import numpy as np
+
+    arr = np.ones((16, 16, 16), np.float32)
+    arr[0, 0, 0] = np.nan
+    path = folder / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
+    return path
+
+
 def write_cfg(raw: dict, path: Path) -> Path:
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SGD, REPO, ckpt_tensors, cli, free_port, job_env, max_abs_diff, sslkit_cmd, tiny_raw, write_cfg
+from conftest import (SGD, REPO, ckpt_tensors, cli, free_port, job_env, max_abs_diff, nan_scan, sslkit_cmd, tiny_raw,
+                      write_cfg)
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +30,12 @@ def test_two_processes_zero3_prepare_a_fresh_store_and_match_one_process(referen
     they prepare it together, record the bad entries once, leave no markers, and then train on the reference's
     samples. (ZeRO-2 on 2 ranks, with gradient accumulation: tests/test_multinode.py, under torchrun's two-node
     rendezvous and the DeepSpeed launcher; ZeRO-1: tests/test_byol.py in bf16.)"""
-    import nibabel as nib
-
     from sslkit.data.datalist import load_datalist
     from sslkit.data.store import VolumeStore
 
     ref_dir, _ = reference_run
-    nan = np.ones((16, 16, 16), np.float32)
-    nan[0, 0, 0] = np.nan
-    nib.save(nib.Nifti1Image(nan, np.eye(4)), str(tmp_path / "nan.nii.gz"))
     good = load_datalist(demo_dir / "datalist.json")
-    entries = good[:2] + [{"image": str(tmp_path / "missing.nii.gz")}, *good[2:], {"image": str(tmp_path / "nan.nii.gz")}]
+    entries = good[:2] + [{"image": str(tmp_path / "missing.nii.gz")}, *good[2:], {"image": str(nan_scan(tmp_path))}]
     (tmp_path / "datalist.json").write_text(json.dumps({"training": entries}), encoding="utf-8")
     raw = tiny_raw(demo_dir, tmp_path / "store", optim=SGD, train={"micro_batch_size": 1, "zero_stage": 3})
     raw["data"]["datalist"] = str(tmp_path / "datalist.json")

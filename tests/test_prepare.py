@@ -15,12 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, ckpt_tensors, cli, job_env, max_abs_diff, tiny_raw
+from conftest import REPO, ckpt_tensors, cli, job_env, max_abs_diff, nan_scan, tiny_raw
 from sslkit.config import DataConfig, ViewConfig, config_from_dict
 from sslkit.data.datalist import load_datalist
 from sslkit.data.multicrop import overlap_targets, voco_region
@@ -47,14 +46,6 @@ def labelled(demo_dir) -> list[dict]:
 
 def folder_bytes(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
-
-
-def nan_scan(folder: Path) -> Path:
-    arr = np.ones((16, 16, 16), np.float32)
-    arr[0, 0, 0] = np.nan
-    path = folder / "nan.nii.gz"
-    nib.save(nib.Nifti1Image(arr, np.eye(4)), str(path))
-    return path
 
 
 # ------------------------------------------------------------------------------------------ the old .npy cache

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -60,20 +59,6 @@ def _downstream_recipe(path: Path, root: Path, **data) -> Path:
            "optim": {"lr": 1e-3}}
     path.write_text(yaml.safe_dump(raw), encoding="utf-8")
     return path
-
-
-def _hemispheres(demo_dir: Path, folder: Path) -> Path:
-    """The demo's MNI152 hemispheres (train left, validate right) as a datalist in `folder`."""
-    from sslkit.data.demo import build_mni_gm_wm
-
-    build_mni_gm_wm(demo_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in ("mni_left", "mni_left_label", "mni_right", "mni_right_label"):
-        shutil.copy(demo_dir / "halves" / f"{f}.nii.gz", folder / f"{f}.nii.gz")
-    dl = {"training": [{"image": "mni_left.nii.gz", "label": "mni_left_label.nii.gz"}],
-          "validation": [{"image": "mni_right.nii.gz", "label": "mni_right_label.nii.gz"}]}
-    (folder / "dl.json").write_text(json.dumps(dl), encoding="utf-8")
-    return folder / "dl.json"
 
 
 # ------------------------------------------------------------------------- 1. --resume auto never starts over
