@@ -1,17 +1,19 @@
 """DINO and iBOT for 3-D encoders (issue 23): the loss against hand computations (centring, the teacher-temperature
 schedule, iBOT's masked-token selection and the 3-D mask shape lightly would misread), the multi-crop data request
 (a pure function of seed, epoch and index), a loss that falls on real CT crops, and engine runs of DINO + iBOT +
-SMIT composed in one recipe: exact resume after SIGKILL and ZeRO-2 / ZeRO-3 on 2 gloo ranks (one shared set of runs
-covers all three objectives; SMIT's own tests are in test_smit.py)."""
+SMIT composed in one recipe: exact resume after SIGKILL and ZeRO-3 on 2 gloo ranks started by the DeepSpeed
+launcher (one shared set of runs covers all three objectives; SMIT's own tests are in test_smit.py)."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -337,19 +339,30 @@ def test_distillation_sigkill_then_resume_equals_uninterrupted(distill_reference
     assert [r["loss"] for r in _rows(run_dir)] == [r["loss"] for r in _rows(ref_dir)]
 
 
-def test_distillation_two_ranks_zero3_match_one_process(distill_reference, demo_dir, scan_cache, tmp_path):
+def test_distillation_two_ranks_zero3_under_the_deepspeed_launcher_match_one_process(distill_reference, demo_dir,
+                                                                                    scan_cache, tmp_path):
     """2 ranks x micro-batch 1 under ZeRO-3 see the same crops and masks per step as 1 rank x 2 (they are data, a
     function of the sample), and the centres are all-reduced means: student and teachers match. ZeRO-3, where the
-    teacher's EMA meets partitioned parameters; ZeRO-2 runs in tests/test_engine_runs.py."""
+    teacher's EMA meets partitioned parameters. The ranks start the way docs/multinode.md documents for the DeepSpeed
+    launcher (hostfile, --module, --no_local_rank) on a one-host hostfile with 2 slots, --no_ssh_check because this
+    host is not reachable by ssh, which a real multi-node hostfile needs. (torchrun: tests/test_engine_runs.py and
+    the two-node rendezvous of tests/test_multinode.py.)"""
     ref_dir, _ = distill_reference
     cfg = write_cfg(_raw(demo_dir, scan_cache, micro_batch_size=1, zero_stage=3), tmp_path / "z.yaml")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           "-m", "sslkit", "pretrain", "--cfg", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress"]
-    res = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO,
-                         env=job_env())
-    assert res.returncode == 0, res.stderr[-3000:]
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n", encoding="utf-8")
+    deepspeed = Path(sys.executable).parent / "deepspeed"
+    cmd = [str(deepspeed), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "--module", "--no_local_rank", "sslkit", "pretrain", "--cfg", str(cfg),
+           "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    env = job_env(DS_ACCELERATOR="cpu", PATH=f"{deepspeed.parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    res = subprocess.run(cmd, capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=tmp_path,
+                         env=env)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     s1, t1 = ckpt_tensors(ref_dir, 4)
     s2, t2 = ckpt_tensors(tmp_path / "run", 4)
     assert max_abs_diff(s1, s2) < 1e-5
     assert max_abs_diff(t1, t2) < 1e-5
+    trainer = json.loads((tmp_path / "run" / "checkpoints" / "step_00000004" / "trainer.json").read_text("utf-8"))
+    assert trainer["world_size"] == 2
     assert [r["ema_updates"] for r in _rows(tmp_path / "run")] == [1, 2, 3, 4]

@@ -29,7 +29,8 @@ def test_two_processes_zero3_prepare_a_fresh_store_and_match_one_process(referen
     fresh store, from a datalist with two bad entries (a missing file, a NaN scan) among the reference's three scans:
     they prepare it together, record the bad entries once, leave no markers, and then train on the reference's
     samples. (ZeRO-2 on 2 ranks, with gradient accumulation: tests/test_multinode.py, under torchrun's two-node
-    rendezvous and the DeepSpeed launcher; ZeRO-1: tests/test_byol.py in bf16.)"""
+    rendezvous; DINO / iBOT under ZeRO-3 started by the DeepSpeed launcher: tests/test_dino_ibot.py; ZeRO-1:
+    tests/test_byol.py in bf16.)"""
     from sslkit.data.datalist import load_datalist
     from sslkit.data.store import VolumeStore
 

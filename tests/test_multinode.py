@@ -90,23 +90,6 @@ def test_two_nodes_match_one_process(one_process_run, demo_dir, scan_cache, tmp_
     _assert_same_training(one_process_run, tmp_path / "two")
 
 
-@pytest.mark.slow
-def test_deepspeed_launcher_with_a_hostfile_matches_one_process(one_process_run, demo_dir, scan_cache, tmp_path):
-    """The documented deepspeed command (hostfile, --module, --no_local_rank) on a one-host hostfile with 2
-    slots; --no_ssh_check because this host is not reachable by ssh, which a real multi-node hostfile needs."""
-    cfg = _two_rank_cfg(demo_dir, scan_cache, tmp_path / "ds.yaml")
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("localhost slots=2\n", encoding="utf-8")
-    deepspeed = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(deepspeed), "--hostfile", str(hostfile), "--no_ssh_check", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "--module", "--no_local_rank", "sslkit", "pretrain", "--cfg", str(cfg),
-           "--run-dir", str(tmp_path / "two"), "--no-progress"]
-    env = job_env(DS_ACCELERATOR="cpu", PATH=f"{deepspeed.parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    log = tmp_path / "deepspeed.log"
-    assert _run_all([cmd], [log], env, cwd=tmp_path) == [0], log.read_text(encoding="utf-8")[-3000:]
-    _assert_same_training(one_process_run, tmp_path / "two")
-
-
 # ------------------------------------------------------------------------------------------ SLURM script
 
 FAKE_SRUN = """#!/bin/bash
