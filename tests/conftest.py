@@ -211,10 +211,97 @@ def job_env(**extra: str) -> dict:
 
 
 def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, env: dict | None = None):
-    """`sslkit ARGS` as a child process: for what needs one (signals, locks, launchers, import-time output).
-    Everything else uses `cli`, which skips the child's 9-15 s of imports."""
+    """`sslkit ARGS` in a fresh interpreter, for what only one shows (import-time output). A job that is stopped,
+    killed or locked runs in a `CliChild`; everything else uses `cli`: both skip a fresh interpreter's 8-9 s of
+    imports."""
     return subprocess.run(sslkit_cmd(*args), capture_output=True, encoding="utf-8", errors="replace",
                           timeout=timeout, cwd=cwd or REPO, env=job_env(**(env or {})))
+
+
+# What a child job imports before its work (sslkit's commands import the rest lazily): the fork server loads them
+# once per test worker.
+PRELOADED = ("conftest", "sslkit.cli", "sslkit.engine.trainer", "sslkit.downstream.train", "sslkit.data.prepare",
+             "sslkit.data.pretrain", "monai", "lightly.loss", "timm")
+
+
+class CliChild:
+    """`sslkit ARGS` in a child process forked from a server that has imported sslkit and its heavy dependencies
+    once per test worker (multiprocessing's forkserver), for tests that stop, kill or lock a running job. A real
+    process (its own pid, signal handlers, locks, file descriptors and exit code; `sslkit.cli.main` with the
+    environment, working folder and one thread of `run_cli`) that starts in a fraction of a second instead of a
+    fresh interpreter's 8-9 s of imports. The subprocess.Popen methods the tests use; an exit by a signal is minus
+    its number, as Popen's. `setup` (a module-level function or a functools.partial of one) runs in the child
+    before the CLI, e.g. to slow a step down. Import-time output needs `run_cli`."""
+
+    def __init__(self, *args: str, cwd: Path | None = None, env: dict | None = None, setup=None):
+        import multiprocessing
+        import tempfile
+
+        self.args = ["sslkit", *one_thread_args(args)]
+        self._dir = Path(tempfile.mkdtemp(prefix="sslkit-child-"))
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload(list(PRELOADED))
+        self._proc = ctx.Process(target=_child_main, args=(self.args[1:], str(cwd or REPO), job_env(**(env or {})),
+                                                            str(self._dir), setup))
+        self._proc.start()
+        self.pid, self.returncode = self._proc.pid, None
+
+    def poll(self) -> int | None:
+        self.returncode = self._proc.exitcode
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import shutil
+
+        self._proc.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        if self._dir.is_dir():  # the output, read once; no folder left behind
+            self._output = tuple((self._dir / name).read_text(encoding="utf-8", errors="replace")
+                                 for name in ("out", "err"))
+            shutil.rmtree(self._dir, ignore_errors=True)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self._output
+
+
+def _child_main(args: list[str], cwd: str, env: dict, out_dir: str, setup) -> None:
+    """CliChild's process: the job's environment, folder, one thread and stdout / stderr files, `setup`, then the
+    CLI."""
+    import torch
+
+    from sslkit.cli import main
+
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, name in ((1, "out"), (2, "err")):
+        f = os.open(os.path.join(out_dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(f, fd)
+        os.close(f)
+    sys.stdout, sys.stderr = [open(fd, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
+                              for fd in (1, 2)]
+    sys.argv = ["sslkit", *args]
+    torch.set_num_threads(1)
+    if setup is not None:
+        setup()
+    try:
+        code = main(args)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(code)
 
 
 def cli(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (REPO, ckpt_tensors, cli, free_port, job_env, max_abs_diff, sslkit_cmd, tiny_raw, tiny_swin,
+from conftest import (CliChild, ckpt_tensors, cli, free_port, job_env, max_abs_diff, tiny_raw, tiny_swin,
                       train_objective, write_cfg)
 from sslkit.data.multicrop import crop_boxes, token_masks
 from sslkit.objectives.dino import DINO
@@ -320,8 +320,7 @@ def test_distillation_sigkill_then_resume_equals_uninterrupted(distill_reference
     student (with the DINO / iBOT centres and step counters), all three teachers and every logged loss."""
     ref_dir, cfg = distill_reference
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(sslkit_cmd("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress"),
-                            cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = CliChild("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress")
     first = run_dir / "checkpoints" / "step_00000002" / "COMPLETE"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import (SGD, REPO, ckpt_tensors, cli, free_port, job_env, max_abs_diff, nan_scan, sslkit_cmd, tiny_raw,
+from conftest import (SGD, REPO, CliChild, ckpt_tensors, cli, free_port, job_env, max_abs_diff, nan_scan, tiny_raw,
                       write_cfg)
 
 
@@ -60,10 +60,8 @@ def test_two_processes_zero3_prepare_a_fresh_store_and_match_one_process(referen
 def test_sigkill_then_resume_equals_uninterrupted(reference_run, tmp_path):
     ref_dir, cfg = reference_run
     run_dir = tmp_path / "run"
-    env = job_env()
-    proc = subprocess.Popen(sslkit_cmd("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress",
-                                       "--set", "train.ckpt_every=2"),
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = CliChild("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress", "--set",
+                    "train.ckpt_every=2")
     first = run_dir / "checkpoints" / "step_00000002" / "COMPLETE"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:

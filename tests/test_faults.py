@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from conftest import REPO, ckpt_tensors, cli, job_env, max_abs_diff, sslkit_cmd, tiny_raw, write_cfg
+from conftest import REPO, CliChild, ckpt_tensors, cli, max_abs_diff, tiny_raw, write_cfg
 from sslkit import run as R
 from sslkit.errors import DataError
 
@@ -94,17 +94,12 @@ def _with_fault(monkeypatch, fault: str, value, *args: str):
         monkeypatch.undo()
 
 
-def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(sslkit_cmd(*args), cwd=REPO, env=job_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
-
-
-def _finish(proc: subprocess.Popen, timeout: float = 900) -> subprocess.CompletedProcess:
+def _finish(proc: CliChild, timeout: float = 900) -> subprocess.CompletedProcess:
     out, err = proc.communicate(timeout=timeout)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def _wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 600) -> None:
+def _wait_for(predicate, proc: CliChild | None = None, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not predicate():
         assert proc is None or proc.poll() is None, "the run ended before the fault could be injected"
@@ -192,7 +187,7 @@ def sigterm_run(ref, tmp_path_factory):
     _, cfg = ref
     run_dir = tmp_path_factory.mktemp("faults-sigterm") / "run"
     args = ("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress", "--set", "train.ckpt_every=100")
-    first = _start(*args)
+    first = CliChild(*args)
     _wait_for(lambda: _metrics_steps(run_dir), first)
     first.send_signal(signal.SIGTERM)
     stopped = _finish(first)
@@ -210,7 +205,7 @@ def two_processes(ref, tmp_path_factory):
     ref_dir, cfg = ref
     run_dir = tmp_path_factory.mktemp("faults-lock") / "run"
     args = ("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress")
-    first = _start(*args)
+    first = CliChild(*args)
     _wait_for(lambda: _lock_holder_pid(run_dir) == first.pid and (run_dir / "config.yaml").is_file(), first)
     first.send_signal(signal.SIGSTOP)
     try:
@@ -344,8 +339,8 @@ def signal_runs(ref, tmp_path_factory):
     runs = {}
     for name in ("SIGUSR1", "SIGINT", "SIGINT_TWICE"):
         run_dir = root / name
-        runs[name] = (run_dir, _start("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress",
-                                      "--set", f"train.ckpt_every={1 if name == 'SIGINT_TWICE' else 100}"))
+        runs[name] = (run_dir, CliChild("pretrain", "--cfg", str(cfg), "--run-dir", str(run_dir), "--no-progress",
+                                        "--set", f"train.ckpt_every={1 if name == 'SIGINT_TWICE' else 100}"))
     pending = dict(runs)
     while pending:
         for name, (run_dir, proc) in list(pending.items()):
@@ -757,7 +752,7 @@ def test_finetune_sigterm_exits_75_and_the_printed_line_resumes_to_the_uninterru
 
     ref_dir, data, encoder = finetuned
     run_dir = tmp_path / "run"
-    proc = _start(*_finetune_args(data, run_dir, "--encoder", str(encoder)))
+    proc = CliChild(*_finetune_args(data, run_dir, "--encoder", str(encoder)))
     _wait_for(lambda: _metrics_steps(run_dir), proc)
     proc.send_signal(signal.SIGTERM)
     line = _one_line(_finish(proc), 75, "sslkit: stopped by SIGTERM")

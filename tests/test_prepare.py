@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, ckpt_tensors, cli, job_env, max_abs_diff, nan_scan, tiny_raw
+from conftest import REPO, CliChild, ckpt_tensors, cli, job_env, max_abs_diff, nan_scan, tiny_raw
 from sslkit.config import DataConfig, ViewConfig, config_from_dict
 from sslkit.data.datalist import load_datalist
 from sslkit.data.multicrop import overlap_targets, voco_region
@@ -229,11 +229,6 @@ def test_a_fixed_scan_leaves_the_skip_list(demo_dir, tmp_path):
     assert (tmp_path / "s" / SKIPPED_NAME).read_text() == ""
 
 
-def _prepare_cli(*args: str) -> list[str]:
-    """`sslkit data prepare ARGS` in a child process."""
-    return [sys.executable, "-m", "sslkit", "data", "prepare", *args]
-
-
 def test_a_bad_store_dtype_is_one_config_error_before_any_scan_is_read(corpus, tmp_path):
     from sslkit.errors import ConfigError
 
@@ -267,8 +262,8 @@ def test_killed_prepare_resumes_without_redoing_finished_scans(demo_dir, tmp_pat
     recipe = tmp_path / "r.yaml"
     recipe.write_text(json.dumps(_recipe(_datalist(tmp_path, [{"image": str(s)} for s in scans]))))
     out = tmp_path / "store"
-    cmd = _prepare_cli("--cfg", str(recipe), "--out", str(out), "--no-progress")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=job_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ("data", "prepare", "--cfg", str(recipe), "--out", str(out), "--no-progress")
+    proc = CliChild(*args)
     deadline = time.time() + 300
     while not list(out.glob("*.json")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -280,7 +275,7 @@ def test_killed_prepare_resumes_without_redoing_finished_scans(demo_dir, tmp_pat
             for k in store.keys()}
     assert 1 <= len(done) < 6 and not (out / "store.json").exists()
 
-    res = cli(*cmd[3:])  # the same command, continued in this process
+    res = cli(*args)  # the same command, continued in this process
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"prepared {6 - len(done)} scans, {len(done)} already in the store" in res.stdout
     assert len(store.keys()) == 6 and not [p for p in out.iterdir() if ".tmp-" in p.name]

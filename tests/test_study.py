@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -298,31 +299,34 @@ def test_tiny_study_writes_its_report_and_resumes_without_redoing_finished_cells
         S.run_study(recipe, {"rand": str(other)}, True, [1, 2], [0, 1], out, progress=False)
 
 
+def _sigterm_when_a_cell_evaluates() -> None:
+    """In the study's process: SIGTERM to itself as a cell's evaluation starts."""
+    import os
+    import signal
+
+    from sslkit.downstream import evaluate as E
+
+    real = E.evaluate
+
+    def evaluate(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **k)
+
+    E.evaluate = evaluate
+
+
 def test_study_stopped_while_a_cell_evaluates_exits_75_with_its_report(demo_dir, tmp_path):
     """SIGTERM during a cell's evaluation: the evaluation ends, the report of the finished cells is written, the
     next cell never starts, exit 75 and one line saying how to continue."""
-    import subprocess
-    import sys
-
-    from conftest import REPO, job_env
+    from conftest import CliChild
     from sslkit.data.demo import build_mni_slabs
 
     enc = _tiny_encoder(tmp_path / "enc.safetensors")
     recipe = _tiny_recipe(tmp_path / "study.yaml", build_mni_slabs(demo_dir))
     out = tmp_path / "study"
-    script = ("import os, signal, sys\n"
-              "from sslkit.downstream import evaluate as E\n"
-              "real = E.evaluate\n"
-              "def evaluate(*a, **k):\n"
-              "    os.kill(os.getpid(), signal.SIGTERM)\n"
-              "    return real(*a, **k)\n"
-              "E.evaluate = evaluate\n"
-              "from sslkit.cli import main\n"
-              "sys.exit(main(sys.argv[1:]))\n")
-    res = subprocess.run([sys.executable, "-c", script, "study", "--cfg", str(recipe), "--encoder", f"rand={enc}",
-                          "--budgets", "1", "--seeds", "0,1", "--out", str(out), "--no-progress"],
-                         capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=REPO,
-                         env=job_env())
+    proc = CliChild("study", "--cfg", str(recipe), "--encoder", f"rand={enc}", "--budgets", "1", "--seeds", "0,1",
+                    "--out", str(out), "--no-progress", setup=_sigterm_when_a_cell_evaluates)
+    res = subprocess.CompletedProcess(proc.args, proc.wait(timeout=600), *proc.communicate())
     assert res.returncode == 75, res.stderr[-2000:]
     assert "study stopped by SIGTERM" in res.stderr and "run the same command again" in res.stderr
     assert (out / "rand" / "b1_s0" / "eval" / "metrics.json").is_file() and not (out / "rand" / "b1_s1").exists()

@@ -4,10 +4,11 @@ signal or two processes at once are the point."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -16,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import yaml
 
-from conftest import REPO, job_env, tiny_raw, write_cfg
+from conftest import REPO, CliChild, tiny_raw, write_cfg
 from sslkit import run as R
 from sslkit.errors import DataError, UserError
 
@@ -284,28 +285,23 @@ def test_modality_from_headers_and_from_intensities():
 # ------------------------------------------------------------------------- 8. two preparations into one store
 
 
-PREPARE_DRIVER = r'''
-import sys, time
-from pathlib import Path
+def _slow_writes_started_together(ready: str, n: int, delay: float) -> None:
+    """In each preparing process: a stored image's temporary file stays 2 s before its rename; start once all `n`
+    processes are ready, this one `delay` s later."""
+    from sslkit.data import store
 
-from sslkit.cli import main
-from sslkit.data import store
+    write = store.VolumeStore._write_image
 
-ready, n, delay = Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
-write = store.VolumeStore._write_image
+    def slow(self, *a, **k):
+        out = write(self, *a, **k)
+        time.sleep(2.0)
+        return out
 
-def slow(self, *a, **k):  # the temporary image file stays 2 s before its rename
-    out = write(self, *a, **k)
-    time.sleep(2.0)
-    return out
-
-store.VolumeStore._write_image = slow
-(ready / str(__import__("os").getpid())).touch()
-while len(list(ready.iterdir())) < n:  # both processes are ready: start together, the second `delay` s later
-    time.sleep(0.01)
-time.sleep(delay)
-sys.exit(main(sys.argv[4:]))
-'''
+    store.VolumeStore._write_image = slow
+    (Path(ready) / str(os.getpid())).touch()
+    while len(list(Path(ready).iterdir())) < n:
+        time.sleep(0.01)
+    time.sleep(delay)
 
 
 @pytest.mark.slow
@@ -317,14 +313,12 @@ def test_two_preparations_into_one_store_at_once_skip_nothing(demo_dir, tmp_path
                                       encoding="utf-8")
     raw = tiny_raw(demo_dir, tmp_path, data={"datalist": str(tmp_path / "dl.json"), "spacing": [6.0, 6.0, 6.0]})
     cfg = write_cfg(raw, tmp_path / "c.yaml")
-    (tmp_path / "driver.py").write_text(PREPARE_DRIVER, encoding="utf-8")
     (tmp_path / "ready").mkdir()
     store = tmp_path / "store"
     # the second starts 1 s later: it reaches the first entry while the first process writes it
-    cmds = [[sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "ready"), "2", delay,
-             "data", "prepare", "--cfg", str(cfg), "--out", str(store), "--no-progress"] for delay in ("0", "1")]
-    procs = [subprocess.Popen(cmd, cwd=tmp_path, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              encoding="utf-8", errors="replace") for cmd in cmds]
+    procs = [CliChild("data", "prepare", "--cfg", str(cfg), "--out", str(store), "--no-progress", cwd=tmp_path,
+                      setup=functools.partial(_slow_writes_started_together, str(tmp_path / "ready"), 2, delay))
+             for delay in (0.0, 1.0)]
     results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
     made = []
     for code, out, err in results:
