@@ -224,6 +224,15 @@ PRELOADED = ("conftest", "sslkit.cli", "sslkit.engine.trainer", "sslkit.downstre
              "sslkit.data.pretrain", "monai", "lightly.loss", "timm")
 
 
+def preloaded_forkserver():
+    """multiprocessing's forkserver context, its server (one per test worker) importing PRELOADED once."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOADED))
+    return ctx
+
+
 class CliChild:
     """`sslkit ARGS` in a child process forked from a server that has imported sslkit and its heavy dependencies
     once per test worker (multiprocessing's forkserver), for tests that stop, kill or lock a running job. A real
@@ -234,14 +243,11 @@ class CliChild:
     before the CLI, e.g. to slow a step down. Import-time output needs `run_cli`."""
 
     def __init__(self, *args: str, cwd: Path | None = None, env: dict | None = None, setup=None):
-        import multiprocessing
         import tempfile
 
         self.args = ["sslkit", *one_thread_args(args)]
         self._dir = Path(tempfile.mkdtemp(prefix="sslkit-child-"))
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(list(PRELOADED))
-        self._proc = ctx.Process(target=_child_main, args=(self.args[1:], str(cwd or REPO), job_env(**(env or {})),
+        self._proc = preloaded_forkserver().Process(target=_child_main, args=(self.args[1:], str(cwd or REPO), job_env(**(env or {})),
                                                             str(self._dir), setup))
         self._proc.start()
         self.pid, self.returncode = self._proc.pid, None

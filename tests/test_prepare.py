@@ -329,7 +329,7 @@ def test_waiting_for_parts_names_the_missing_ranks(tmp_path):
 
 
 # Two ranks preparing a fresh store under torchrun (bad entries recorded once, markers cleaned up, then the same
-# weights as one process): tests/test_engine_runs.py, in its ZeRO-3 run.
+# weights as one process): tests/test_multinode.py, in its two-node ZeRO-3 run.
 
 
 # ------------------------------------------------------------------------------------------ resume over a store

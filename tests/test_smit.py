@@ -1,6 +1,6 @@
 """SMIT (issue 23): its three terms and their weights against a hand computation, the temperature schedules, what
 reaches the student and the teacher, the encoders it runs on, and a student that learns on real CT crops. Its
-engine runs (exact resume after SIGKILL, ZeRO-2 / ZeRO-3 on 2 gloo ranks) share DINO's and iBOT's in
+engine runs (exact resume after SIGKILL, ZeRO-2 on 2 gloo ranks) share DINO's and iBOT's in
 test_dino_ibot.py."""
 
 from __future__ import annotations
