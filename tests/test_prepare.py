@@ -10,8 +10,6 @@ import json
 import multiprocessing as mp
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, CliChild, ckpt_tensors, cli, job_env, max_abs_diff, nan_scan, tiny_raw
+from conftest import REPO, CliChild, ckpt_tensors, cli, max_abs_diff, nan_scan, tiny_raw
 from sslkit.config import DataConfig, ViewConfig, config_from_dict
 from sslkit.data.datalist import load_datalist
 from sslkit.data.multicrop import overlap_targets, voco_region
@@ -434,18 +432,25 @@ def test_objectives_declare_their_data_and_the_composite_merges_it():
 
 
 @pytest.mark.slow
-def test_data_pipeline_benchmark_smoke(tmp_path, demo_dir):
+def test_data_pipeline_benchmark_smoke(tmp_path, demo_dir, capsys, monkeypatch):
+    """benchmarks/data_pipeline.py's smoke version, in this process (its memory run is a `sslkit pretrain` child)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("data_pipeline_benchmark", REPO / "benchmarks" / "data_pipeline.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("SSLKIT_QUIET", "1")  # what the benchmark sets for itself, undone afterwards
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # its child's threads: one per test worker
     # --demo: the tests' corpus (by default the benchmark takes a user's demo_data/ where there is one)
-    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_pipeline.py"), "--demo", str(demo_dir),
-                          "--scans", "6",
-                          "--steps", "4", "--reads", "20", "--prep-scans", "4", "--timing-steps", "1", "--rounds", "1",
-                          "--set", "data.roi=[32,32,32]", "--set", "train.micro_batch_size=2", "--work",
-                          str(tmp_path)], capture_output=True, encoding="utf-8", timeout=600, cwd=REPO, env=job_env())
-    assert res.returncode == 0, res.stderr[-3000:]
+    code = bench.main(["--demo", str(demo_dir), "--scans", "6", "--steps", "4", "--reads", "20", "--prep-scans", "4",
+                       "--timing-steps", "1", "--rounds", "1", "--set", "data.roi=[32,32,32]",
+                       "--set", "train.micro_batch_size=2", "--work", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert code == 0, err[-3000:]
     for needle in ("store bytes / float32 .npy bytes", "crop reads per second", "preparation 2 vs 1 workers",
                    "steps per second", "resident memory"):
-        assert needle in res.stdout, res.stdout
-    ratio = float(res.stdout.split("store bytes / float32 .npy bytes: ")[1].split()[0])
+        assert needle in out, out
+    ratio = float(out.split("store bytes / float32 .npy bytes: ")[1].split()[0])
     assert 0 < ratio <= 0.35  # the compression goal holds on any corpus of demo-like scans
     assert len(list((tmp_path / "bench-corpus").glob("*.nii.gz"))) == 6
     assert not list(REPO.glob("**/bench-corpus*"))  # the synthetic corpus never lands in the repository
