@@ -454,10 +454,10 @@ ENCODER_FAMILIES = ("swin_unetr_3d", "qt_unet_3d", "qt_unet_2d", "punet_3d", "sa
 # --no-loadscope-reorder (the Makefile), pytest-xdist's loadscope hands out modules in collection order, so a long
 # module collected last would run alone on one core at the end. (Without that option xdist orders modules by their
 # number of tests, which put the three 40-step recipe runs last.)
-LONGEST_FIRST = ("test_demo_recipes_health", "test_faults", "test_sam_downstream", "test_multinode", "test_dino_ibot",
-                 "test_prepare", "test_punet_prompt", "test_engine_runs", "test_study", "test_compile",
-                 "test_compile_loop", "test_punet_pretrain_modes", "test_byol", "test_pipeline", "test_downstream",
-                 "test_host_syncs", "test_bundle", "test_voco", "test_task_probe_run")
+LONGEST_FIRST = ("test_demo_recipes_health", "test_sam_downstream", "test_dino_ibot", "test_compile", "test_faults",
+                 "test_punet_prompt", "test_study", "test_multinode", "test_prepare", "test_compile_loop",
+                 "test_pipeline", "test_punet_pretrain_modes", "test_host_syncs", "test_bundle", "test_byol",
+                 "test_downstream", "test_task_probe_run", "test_voco", "test_engine_runs")
 
 
 def pytest_collection_modifyitems(config, items):
