@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import shutil
 import signal
 import time
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, CliChild, ckpt_tensors, cli, max_abs_diff, nan_scan, tiny_raw
+from conftest import REPO, CliChild, ckpt_tensors, cli, job_env, max_abs_diff, nan_scan, tiny_raw
 from sslkit.config import DataConfig, ViewConfig, config_from_dict
 from sslkit.data.datalist import load_datalist
 from sslkit.data.multicrop import overlap_targets, voco_region
@@ -439,8 +440,13 @@ def test_data_pipeline_benchmark_smoke(tmp_path, demo_dir, capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("data_pipeline_benchmark", REPO / "benchmarks" / "data_pipeline.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    monkeypatch.setenv("SSLKIT_QUIET", "1")  # what the benchmark sets for itself, undone afterwards
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # its child's threads: one per test worker
+    # its child's environment, as job_env makes it: one thread, no launcher variables an earlier run in this
+    # process left (its MASTER_PORT is this process's, in use); SSLKIT_QUIET, which the benchmark sets, undone after
+    env = job_env(SSLKIT_QUIET="1")
+    for name in set(os.environ) - set(env):
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     # --demo: the tests' corpus (by default the benchmark takes a user's demo_data/ where there is one)
     code = bench.main(["--demo", str(demo_dir), "--scans", "6", "--steps", "4", "--reads", "20", "--prep-scans", "4",
                        "--timing-steps", "1", "--rounds", "1", "--set", "data.roi=[32,32,32]",
