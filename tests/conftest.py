@@ -218,8 +218,8 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None, env: dict
                           timeout=timeout, cwd=cwd or REPO, env=job_env(**(env or {})))
 
 
-# What a child job imports before its work (sslkit's commands import the rest lazily): the fork server loads them
-# once per test worker.
+# What a child job imports before its work (sslkit's commands import the rest lazily), and conftest, where its
+# process starts (_child_main): the fork server loads them once per test worker.
 PRELOADED = ("conftest", "sslkit.cli", "sslkit.engine.trainer", "sslkit.downstream.train", "sslkit.data.prepare",
              "sslkit.data.pretrain", "monai", "lightly.loss", "timm")
 
@@ -247,8 +247,8 @@ class CliChild:
 
         self.args = ["sslkit", *one_thread_args(args)]
         self._dir = Path(tempfile.mkdtemp(prefix="sslkit-child-"))
-        self._proc = preloaded_forkserver().Process(target=_child_main, args=(self.args[1:], str(cwd or REPO), job_env(**(env or {})),
-                                                            str(self._dir), setup))
+        job = (self.args[1:], str(cwd or REPO), job_env(**(env or {})), str(self._dir), setup)
+        self._proc = preloaded_forkserver().Process(target=_child_main, args=job)
         self._proc.start()
         self.pid, self.returncode = self._proc.pid, None
 
@@ -281,25 +281,22 @@ class CliChild:
         self.wait(timeout)
         return self._output
 
+    def finish(self, timeout: float | None = 900) -> subprocess.CompletedProcess:
+        """Wait for the end: exit code, stdout and stderr, as `cli` and `run_cli` return them."""
+        out, err = self.communicate(timeout)
+        return subprocess.CompletedProcess(self.args, self.returncode, out, err)
+
 
 def _child_main(args: list[str], cwd: str, env: dict, out_dir: str, setup) -> None:
     """CliChild's process: the job's environment, folder, one thread and stdout / stderr files, `setup`, then the
     CLI."""
-    import torch
-
     from sslkit.cli import main
 
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
-    for fd, name in ((1, "out"), (2, "err")):
-        f = os.open(os.path.join(out_dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(f, fd)
-        os.close(f)
-    sys.stdout, sys.stderr = [open(fd, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
-                              for fd in (1, 2)]
+    out, err = (os.open(os.path.join(out_dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC) for name in ("out", "err"))
+    _enter_job(out, err, env, cwd)
+    os.close(out)
+    os.close(err)
     sys.argv = ["sslkit", *args]
-    torch.set_num_threads(1)
     if setup is not None:
         setup()
     try:
@@ -308,6 +305,21 @@ def _child_main(args: list[str], cwd: str, env: dict, out_dir: str, setup) -> No
         sys.stdout.flush()
         sys.stderr.flush()
     sys.exit(code)
+
+
+def _enter_job(out_fd: int, err_fd: int, env: dict, cwd: Path | str) -> None:
+    """This process as a job's child process starts: stdout / stderr on `out_fd` / `err_fd` at the file-descriptor
+    level (C++ libraries' output included), the job's environment and working folder, one torch thread."""
+    import torch
+
+    os.dup2(out_fd, 1)
+    os.dup2(err_fd, 2)
+    sys.stdout, sys.stderr = [open(fd, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
+                              for fd in (1, 2)]
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    torch.set_num_threads(1)
 
 
 def cli(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -331,15 +343,9 @@ def cli(*args, cwd: Path | None = None, env: dict | None = None) -> subprocess.C
         for stream in saved_streams:
             stream.flush()
         try:
-            for fd, f in ((1, out_file), (2, err_file)):
+            for fd in (1, 2):
                 saved_fds[fd] = os.dup(fd)
-                os.dup2(f.fileno(), fd)
-            sys.stdout, sys.stderr = [open(fd, "w", encoding="utf-8", errors="replace", buffering=1, closefd=False)
-                                      for fd in (1, 2)]
-            os.environ.clear()
-            os.environ.update(job_env(**(env or {})))
-            os.chdir(cwd or REPO)
-            torch.set_num_threads(1)
+            _enter_job(out_file.fileno(), err_file.fileno(), job_env(**(env or {})), cwd or REPO)
             try:
                 with warnings.catch_warnings():
                     _child_warning_filters()

@@ -94,11 +94,6 @@ def _with_fault(monkeypatch, fault: str, value, *args: str):
         monkeypatch.undo()
 
 
-def _finish(proc: CliChild, timeout: float = 900) -> subprocess.CompletedProcess:
-    out, err = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def _wait_for(predicate, proc: CliChild | None = None, timeout: float = 600) -> None:
     deadline = time.time() + timeout
     while not predicate():
@@ -190,7 +185,7 @@ def sigterm_run(ref, tmp_path_factory):
     first = CliChild(*args)
     _wait_for(lambda: _metrics_steps(run_dir), first)
     first.send_signal(signal.SIGTERM)
-    stopped = _finish(first)
+    stopped = first.finish()
     kept = sorted(p.name for p in (run_dir / R.CHECKPOINTS).iterdir())
     resumed = cli(*args, "--resume", "auto")
     return {"run_dir": run_dir, "stopped": stopped, "kept_after_stop": kept, "resumed": resumed}
@@ -355,7 +350,7 @@ def signal_runs(ref, tmp_path_factory):
             else:
                 assert proc.poll() is None, f"{name}: the run ended before the signal"
         time.sleep(0.05)
-    return {name: (run_dir, _finish(proc)) for name, (run_dir, proc) in runs.items()}
+    return {name: (run_dir, proc.finish()) for name, (run_dir, proc) in runs.items()}
 
 
 @pytest.mark.slow
@@ -755,7 +750,7 @@ def test_finetune_sigterm_exits_75_and_the_printed_line_resumes_to_the_uninterru
     proc = CliChild(*_finetune_args(data, run_dir, "--encoder", str(encoder)))
     _wait_for(lambda: _metrics_steps(run_dir), proc)
     proc.send_signal(signal.SIGTERM)
-    line = _one_line(_finish(proc), 75, "sslkit: stopped by SIGTERM")
+    line = _one_line(proc.finish(), 75, "sslkit: stopped by SIGTERM")
     printed = line.split("continue with: ", 1)[1]
     assert printed == f"sslkit finetune --run-dir {shlex.quote(str(run_dir))} --resume auto"
     found = R.list_checkpoints(run_dir / R.CHECKPOINTS)

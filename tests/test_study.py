@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -324,9 +323,8 @@ def test_study_stopped_while_a_cell_evaluates_exits_75_with_its_report(demo_dir,
     enc = _tiny_encoder(tmp_path / "enc.safetensors")
     recipe = _tiny_recipe(tmp_path / "study.yaml", build_mni_slabs(demo_dir))
     out = tmp_path / "study"
-    proc = CliChild("study", "--cfg", str(recipe), "--encoder", f"rand={enc}", "--budgets", "1", "--seeds", "0,1",
-                    "--out", str(out), "--no-progress", setup=_sigterm_when_a_cell_evaluates)
-    res = subprocess.CompletedProcess(proc.args, proc.wait(timeout=600), *proc.communicate())
+    res = CliChild("study", "--cfg", str(recipe), "--encoder", f"rand={enc}", "--budgets", "1", "--seeds", "0,1",
+                   "--out", str(out), "--no-progress", setup=_sigterm_when_a_cell_evaluates).finish(timeout=600)
     assert res.returncode == 75, res.stderr[-2000:]
     assert "study stopped by SIGTERM" in res.stderr and "run the same command again" in res.stderr
     assert (out / "rand" / "b1_s0" / "eval" / "metrics.json").is_file() and not (out / "rand" / "b1_s1").exists()

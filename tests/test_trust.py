@@ -319,10 +319,11 @@ def test_two_preparations_into_one_store_at_once_skip_nothing(demo_dir, tmp_path
     procs = [CliChild("data", "prepare", "--cfg", str(cfg), "--out", str(store), "--no-progress", cwd=tmp_path,
                       setup=functools.partial(_slow_writes_started_together, str(tmp_path / "ready"), 2, delay))
              for delay in (0.0, 1.0)]
-    results = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    results = [p.finish(timeout=600) for p in procs]
     made = []
-    for code, out, err in results:
-        assert code == 0 and "skipped" not in out, (out, err[-2000:])
+    for res in results:
+        out = res.stdout
+        assert res.returncode == 0 and "skipped" not in out, (out, res.stderr[-2000:])
         prepared, already = int(out.split("prepared ")[1].split()[0]), int(out.split(" scans, ")[1].split()[0])
         assert prepared + already == 1, out
         made.append(prepared)
